@@ -1,0 +1,1 @@
+"""ghostsolve: closed-form linear recovery of layer-pruned language models."""
