@@ -1,0 +1,529 @@
+"""Model surgery: validate removal sets, remove decoder layers, insert ghost operators.
+
+Conventions (see ``docs/design.md``): layer indices are 0-based; a removal set is split into maximal
+*intervals* ``(start, end)`` with ``end`` exclusive; hidden states are row vectors and an operator acts
+as ``h W`` with ``W = I + M``.
+
+A ghost operator is a real submodule, not a hook. The first kept layer after an interval is replaced in
+the ``ModuleList`` by ``GhostedLayer(ghost, layer)``; an interval reaching the end of the model wraps
+the final norm in ``GhostedNorm(ghost, norm)``. The state-dict keys therefore become
+``...layers.{i}.layer.*`` and ``...layers.{i}.ghost.delta`` (and ``...norm.norm.weight``,
+``...norm.ghost.delta``). :func:`ghost_layout` describes where ghosts sit as plain data and
+:func:`apply_ghost_layout` rebuilds that structure on a freshly built pruned model, so a checkpoint
+loader can create the modules before loading the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ghostsolve.adapters import ModelAdapter, get_adapter
+from ghostsolve.errors import GhostsolveError
+
+__all__ = [
+    "FINAL_NORM",
+    "GhostOperator",
+    "GhostedLayer",
+    "GhostedNorm",
+    "apply_ghost_layout",
+    "ghost_layout",
+    "insert_ghost",
+    "intervals_of",
+    "removal_set",
+    "remove_layers",
+    "unwrap",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The ``insert_at`` value that designates the final norm (an interval reaching the end of the model).
+FINAL_NORM: Literal["final_norm"] = "final_norm"
+
+InsertAt = int | Literal["final_norm"]
+
+
+# ---------------------------------------------------------------------------------------------
+# removal sets and intervals
+# ---------------------------------------------------------------------------------------------
+def removal_set(drop: Iterable[int], num_layers: int) -> tuple[int, ...]:
+    """Validate a set of layer indices to remove and return it sorted.
+
+    Parameters
+    ----------
+    drop : iterable of int
+        0-based indices of decoder layers to remove, contiguous or not, in any order.
+    num_layers : int
+        Number of decoder layers in the model.
+
+    Returns
+    -------
+    tuple of int
+        The indices, sorted ascending.
+
+    Raises
+    ------
+    GhostsolveError
+        If ``drop`` is empty, holds a non-integer, an index outside ``[0, num_layers)`` or a duplicate,
+        or would remove every layer.
+
+    Examples
+    --------
+    >>> removal_set([7, 5, 6], 12)
+    (5, 6, 7)
+    """
+    if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
+        raise GhostsolveError(f"the removal set must be an iterable of layer indices, got {drop!r}")
+    items = list(drop)
+    if not items:
+        raise GhostsolveError(f"the removal set is empty; pass at least one layer index in [0, {num_layers})")
+    bad_type = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad_type:
+        raise GhostsolveError(f"layer indices must be integers, got {bad_type!r} in {items!r}")
+    indices = [int(i) for i in items]
+    out_of_range = sorted({i for i in indices if not 0 <= i < num_layers})
+    if out_of_range:
+        raise GhostsolveError(
+            f"layer indices {out_of_range} are out of range: the model has {num_layers} decoder layers, "
+            f"valid indices are 0..{num_layers - 1} (negative indices are not accepted)"
+        )
+    duplicates = sorted({i for i in indices if indices.count(i) > 1})
+    if duplicates:
+        raise GhostsolveError(
+            f"layer indices {duplicates} appear more than once in the removal set {indices}; list each once"
+        )
+    if len(indices) == num_layers:
+        raise GhostsolveError(
+            f"the removal set removes all {num_layers} decoder layers; keep at least one layer"
+        )
+    return tuple(sorted(indices))
+
+
+def intervals_of(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sorted layer indices into maximal intervals ``(start, end)``, ``end`` exclusive.
+
+    Examples
+    --------
+    >>> intervals_of([3, 5, 6, 7, 9])
+    [(3, 4), (5, 8), (9, 10)]
+    """
+    intervals: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if intervals and intervals[-1][1] == i:
+            intervals[-1] = (intervals[-1][0], i + 1)
+        else:
+            intervals.append((i, i + 1))
+    return intervals
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator and its wrappers
+# ---------------------------------------------------------------------------------------------
+class GhostOperator(nn.Module):
+    """``h ↦ h W = h + h M``: a linear map of the residual stream, stored as ``M`` (``delta``).
+
+    Every recovery family is stored densely (a scalar or diagonal ``M`` is a d×d matrix too), which
+    keeps one module type and one state-dict layout for all methods; the cost is one ``(n, d)×(d, d)``
+    matmul per insertion point, small against a decoder layer.
+
+    Parameters
+    ----------
+    delta : (d, d) tensor
+        ``M = W − I``. Copied and stored in ``dtype``.
+    compute_dtype : torch.dtype, optional
+        Dtype of the matmul. None (default): the dtype of the incoming hidden states (the model's
+        dtype). ``torch.float32`` runs a bf16/fp16 model's correction in fp32. The result is cast back
+        to the dtype of the hidden states.
+    dtype : torch.dtype
+        Storage dtype of ``delta`` (fp32 by default). Note that ``model.to(dtype)`` / ``model.half()``
+        casts it like any other parameter.
+
+    Notes
+    -----
+    The forward never synchronizes with the host (no ``.item()``, no data-dependent branching), so it
+    can be captured by CUDA graphs and ``torch.compile``. ``delta`` is an ``nn.Parameter`` with
+    ``requires_grad=False``: it moves with ``.to(device)`` and appears in ``state_dict()``; set
+    ``requires_grad`` to fine-tune it.
+
+    Examples
+    --------
+    >>> op = GhostOperator(torch.zeros(4, 4))
+    >>> h = torch.randn(2, 3, 4)
+    >>> torch.equal(op(h), h)
+    True
+    """
+
+    delta: nn.Parameter
+
+    def __init__(
+        self,
+        delta: torch.Tensor,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if delta.ndim != 2 or delta.shape[0] != delta.shape[1]:
+            raise GhostsolveError(
+                f"a ghost operator needs a square (d, d) delta, got shape {tuple(delta.shape)}"
+            )
+        if not delta.is_floating_point():
+            raise GhostsolveError(f"delta must be a floating-point tensor, got dtype {delta.dtype}")
+        if compute_dtype is not None and not compute_dtype.is_floating_point:
+            raise GhostsolveError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+        self.delta = nn.Parameter(delta.detach().to(dtype=dtype).clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def zeros(
+        cls,
+        dim: int,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> GhostOperator:
+        """An identity operator (``M = 0``) of size ``dim``; a placeholder before loading weights."""
+        return cls(
+            torch.zeros(dim, dim, dtype=dtype, device=device), compute_dtype=compute_dtype, dtype=dtype
+        )
+
+    @property
+    def dim(self) -> int:
+        """The hidden size ``d``."""
+        return int(self.delta.shape[0])
+
+    def weight(self) -> torch.Tensor:
+        """``W = I + M`` as a new ``(d, d)`` tensor in the storage dtype."""
+        return self.delta.detach() + torch.eye(self.dim, dtype=self.delta.dtype, device=self.delta.device)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Apply ``h + h M`` to ``(..., d)`` hidden states; returns their dtype and shape."""
+        cd = self.compute_dtype if self.compute_dtype is not None else hidden_states.dtype
+        correction = hidden_states.to(cd) @ self.delta.to(cd)
+        return hidden_states + correction.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, dtype={self.delta.dtype}, compute_dtype={self.compute_dtype}"
+
+
+class _Wrapper(nn.Module):
+    """Shared behaviour of the wrappers: unknown attributes fall back to the wrapped module."""
+
+    _wrapped_name: str = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            inner = modules.get(self._wrapped_name)
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+
+class GhostedLayer(_Wrapper):
+    """A decoder layer whose residual-stream input first passes through a ghost operator.
+
+    ``forward(*args, **kwargs)`` replaces the hidden-states argument — keyword ``hidden_states`` or
+    the first positional argument — by ``ghost(hidden_states)`` and calls the wrapped layer with
+    everything else unchanged, so it returns whatever the layer returns (a tensor in transformers 5,
+    a tuple in 4.x). Unknown attributes (``attention_type``, ``self_attn``, ``mlp``...) are read
+    from the wrapped layer.
+
+    Attributes
+    ----------
+    ghost : GhostOperator
+    layer : nn.Module
+        The original decoder layer.
+    """
+
+    _wrapped_name = "layer"
+
+    def __init__(
+        self,
+        ghost: GhostOperator,
+        layer: nn.Module,
+        *,
+        hidden_states_kwarg: str = "hidden_states",
+        hidden_states_arg_position: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ghost = ghost
+        self.layer = layer
+        self.hidden_states_kwarg = hidden_states_kwarg
+        self.hidden_states_arg_position = hidden_states_arg_position
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.hidden_states_kwarg
+        pos = self.hidden_states_arg_position
+        if key in kwargs:
+            kwargs[key] = self.ghost(kwargs[key])
+        elif len(args) > pos:
+            args = (*args[:pos], self.ghost(args[pos]), *args[pos + 1 :])
+        else:
+            raise GhostsolveError(
+                f"GhostedLayer found no hidden states: neither keyword {key!r} nor positional argument "
+                f"{pos} was passed to {type(self.layer).__name__}"
+            )
+        return self.layer(*args, **kwargs)
+
+
+class GhostedNorm(_Wrapper):
+    """The final norm, applied after a ghost operator (for an interval that reaches the end).
+
+    Attributes
+    ----------
+    ghost : GhostOperator
+    norm : nn.Module
+        The original final norm; unknown attributes (``weight``, ``eps``...) are read from it.
+    """
+
+    _wrapped_name = "norm"
+
+    def __init__(self, ghost: GhostOperator, norm: nn.Module) -> None:
+        super().__init__()
+        self.ghost = ghost
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.norm(self.ghost(hidden_states), *args, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside any ``GhostedLayer`` / ``GhostedNorm`` wrappers (itself if unwrapped)."""
+    while isinstance(module, (GhostedLayer, GhostedNorm)):
+        module = module.layer if isinstance(module, GhostedLayer) else module.norm
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# removal
+# ---------------------------------------------------------------------------------------------
+def _adapter(model: nn.Module, adapter: ModelAdapter | None) -> ModelAdapter:
+    return adapter if adapter is not None else get_adapter(model)
+
+
+def _per_layer_config_keys(config: Any, adapter: ModelAdapter, num_layers: int) -> list[str]:
+    """Config attributes holding one entry per decoder layer.
+
+    The adapter's explicit keys, plus any other list whose name mentions "layer" and whose length is
+    the layer count: new per-layer lists keep appearing in transformers configs and a stale one makes
+    the model index past its end. Lists of layer *indices* (e.g. ``mlp_only_layers``) rarely have
+    exactly ``num_layers`` entries; when they do, removal logs what it changed.
+    """
+    keys = [k for k in adapter.per_layer_config_keys if isinstance(getattr(config, k, None), (list, tuple))]
+    try:
+        items = config.to_dict().items()
+    except Exception:  # a config without to_dict: only the adapter's keys
+        items = ()
+    for key, value in items:
+        if key in keys or "layer" not in key:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == num_layers:
+            keys.append(key)
+    return keys
+
+
+def remove_layers(model: nn.Module, drop: Iterable[int], *, adapter: ModelAdapter | None = None) -> nn.Module:
+    """Remove decoder layers from ``model`` **in place** and return it.
+
+    Updates the decoder-layer ``ModuleList``, ``config.num_hidden_layers``, the config lists with one
+    entry per layer (``layer_types``...) and the ``layer_idx`` of every kept layer's attention (and
+    any other submodule carrying it), so that generation with a KV cache indexes the new layers.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        A causal LM of a family with an adapter. Kept layers may be ``GhostedLayer`` wrappers; a
+        removed wrapper takes its ghost with it.
+    drop : iterable of int
+        0-based indices of the layers to remove (see :func:`removal_set`).
+    adapter : ModelAdapter, optional
+        Defaults to ``get_adapter(model)``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+
+    Raises
+    ------
+    GhostsolveError
+        For an invalid removal set, an unknown architecture or a heterogeneous per-layer config; the
+        model is left untouched (everything is validated before anything changes).
+    """
+    adapter = _adapter(model, adapter)
+    layers = adapter.layers(model)
+    config = adapter.config(model)
+    num_layers = len(layers)
+    removed = removal_set(drop, num_layers)
+    if getattr(config, "is_heterogeneous", False) is True:
+        raise GhostsolveError(
+            "this model has a heterogeneous per-layer config (config.per_layer_config); "
+            "ghostsolve cannot yet remove layers from it"
+        )
+    config_num = getattr(config, "num_hidden_layers", num_layers)
+    if config_num != num_layers:
+        raise GhostsolveError(
+            f"config.num_hidden_layers is {config_num} but the model holds {num_layers} decoder layers; "
+            "the model and its config disagree"
+        )
+    keys = _per_layer_config_keys(config, adapter, num_layers)
+    kept = [i for i in range(num_layers) if i not in set(removed)]
+
+    # Validation is over; from here on nothing can fail on user input.
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    adapter.set_layers(model, new_layers)
+    config.num_hidden_layers = len(kept)
+    for key in keys:
+        old = list(getattr(config, key))
+        setattr(config, key, [old[i] for i in kept])
+        if key not in adapter.per_layer_config_keys:
+            logger.info(
+                "shortened per-layer config list %r from %d to %d entries", key, num_layers, len(kept)
+            )
+    for new_idx, layer in enumerate(new_layers):
+        for module in unwrap(layer).modules():
+            if isinstance(getattr(module, adapter.layer_idx_attr, None), int):
+                setattr(module, adapter.layer_idx_attr, new_idx)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# insertion and layouts
+# ---------------------------------------------------------------------------------------------
+def insert_ghost(
+    model: nn.Module, insert_at: InsertAt, ghost: GhostOperator, *, adapter: ModelAdapter | None = None
+) -> None:
+    """Insert ``ghost`` where the residual stream enters layer ``insert_at`` (or the final norm).
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+    insert_at : int or "final_norm"
+        Index of a layer in the model *as it is now* (after removal), or ``"final_norm"``.
+    ghost : GhostOperator
+        Its ``dim`` must be the hidden size.
+    adapter : ModelAdapter, optional
+
+    Raises
+    ------
+    GhostsolveError
+        If the position is out of range or already holds a ghost, or the sizes disagree.
+    """
+    adapter = _adapter(model, adapter)
+    hidden = getattr(adapter.config(model), "hidden_size", ghost.dim)
+    if ghost.dim != hidden:
+        raise GhostsolveError(
+            f"the ghost operator is {ghost.dim}×{ghost.dim} but the hidden size is {hidden}"
+        )
+    if insert_at == FINAL_NORM:
+        norm = adapter.final_norm(model)
+        if isinstance(norm, GhostedNorm):
+            raise GhostsolveError("the final norm already holds a ghost operator")
+        adapter.set_final_norm(model, GhostedNorm(ghost.to(_device_of(norm, ghost)), norm))
+        return
+    layers = adapter.layers(model)
+    if isinstance(insert_at, bool) or not isinstance(insert_at, int) or not 0 <= insert_at < len(layers):
+        raise GhostsolveError(
+            f"insert_at must be a layer index in [0, {len(layers)}) or {FINAL_NORM!r}, got {insert_at!r}"
+        )
+    if isinstance(layers[insert_at], GhostedLayer):
+        raise GhostsolveError(f"layer {insert_at} already holds a ghost operator")
+    layers[insert_at] = GhostedLayer(
+        ghost.to(_device_of(layers[insert_at], ghost)),
+        layers[insert_at],
+        hidden_states_kwarg=adapter.hidden_states_kwarg,
+        hidden_states_arg_position=adapter.hidden_states_arg_position,
+    )
+
+
+def _device_of(module: nn.Module, ghost: GhostOperator) -> torch.device:
+    """The device of ``module``'s first parameter (the ghost's own when it has none)."""
+    for param in module.parameters():
+        return param.device
+    return ghost.delta.device
+
+
+def ghost_layout(model: nn.Module, *, adapter: ModelAdapter | None = None) -> list[dict[str, Any]]:
+    """Where the ghost operators of ``model`` sit, as plain data (JSON-serializable).
+
+    Returns
+    -------
+    list of dict
+        ``{"insert_at": layer index or "final_norm", "dim": d}`` in model order; empty for a model
+        without ghosts.
+    """
+    adapter = _adapter(model, adapter)
+    layout: list[dict[str, Any]] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        if isinstance(layer, GhostedLayer):
+            layout.append({"insert_at": i, "dim": layer.ghost.dim})
+    norm = adapter.final_norm(model)
+    if isinstance(norm, GhostedNorm):
+        layout.append({"insert_at": FINAL_NORM, "dim": norm.ghost.dim})
+    return layout
+
+
+def apply_ghost_layout(
+    model: nn.Module,
+    layout: Sequence[dict[str, Any]],
+    *,
+    adapter: ModelAdapter | None = None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Rebuild the wrappers described by ``layout`` on a (pruned) model, with zero (identity) ghosts.
+
+    A checkpoint loader builds the pruned architecture, calls this, then loads the state dict, which
+    fills every ``...ghost.delta``. Validates the whole layout before changing anything.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        Without ghosts, holding the layer count of the pruned model.
+    layout : sequence of dict
+        As returned by :func:`ghost_layout`.
+    compute_dtype, dtype : torch.dtype
+        Passed to :class:`GhostOperator`.
+
+    Raises
+    ------
+    GhostsolveError
+        For a malformed entry, a position out of range or given twice, or a model that already holds
+        ghosts at those positions.
+    """
+    adapter = _adapter(model, adapter)
+    num_layers = len(adapter.layers(model))
+    seen: set[Any] = set()
+    for entry in layout:
+        if not isinstance(entry, dict) or "insert_at" not in entry or "dim" not in entry:
+            raise GhostsolveError(f"layout entries are dicts with 'insert_at' and 'dim', got {entry!r}")
+        at, dim = entry["insert_at"], entry["dim"]
+        ok_at = at == FINAL_NORM or (
+            isinstance(at, int) and not isinstance(at, bool) and 0 <= at < num_layers
+        )
+        if not ok_at:
+            raise GhostsolveError(
+                f"layout position {at!r} is neither a layer index in [0, {num_layers}) nor {FINAL_NORM!r}"
+            )
+        if at in seen:
+            raise GhostsolveError(f"layout position {at!r} appears twice")
+        if not isinstance(dim, int) or dim <= 0:
+            raise GhostsolveError(f"layout dim must be a positive int, got {dim!r}")
+        seen.add(at)
+    existing = {e["insert_at"] for e in ghost_layout(model, adapter=adapter)}
+    clash = sorted(map(str, seen & existing))
+    if clash:
+        raise GhostsolveError(f"the model already holds ghosts at positions {clash}")
+    device = next(adapter.embeddings(model).parameters()).device
+    for entry in layout:
+        ghost = GhostOperator.zeros(entry["dim"], compute_dtype=compute_dtype, dtype=dtype, device=device)
+        insert_ghost(model, entry["insert_at"], ghost, adapter=adapter)
