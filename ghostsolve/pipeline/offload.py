@@ -1,0 +1,450 @@
+"""Layer-by-layer calibration capture for models larger than the accelerator (sequential onloading).
+
+Whole-model capture (:func:`ghostsolve.pipeline.capture.capture_stats`) needs the model on its devices.
+Here only **one decoder layer sits on the execution device at a time**; the calibration activations of
+every batch are carried from layer to layer on an offload device (the CPU by default), and the boundary
+statistics are accumulated as soon as both sides of a removed interval are known. A 70B model in bf16
+(≈140 GB) is thereby calibrated on one 80 GB GPU: what the GPU holds is one layer (≈1.7 GB), one batch of
+activations and the fp64 statistics.
+
+How it stays architecture-agnostic: the model's *own* forward runs once per batch with every needed
+decoder layer's ``forward`` temporarily replaced by a recorder. The model itself computes the embeddings,
+the rotary position embeddings and the causal / sliding-window masks, exactly as in a normal forward, and
+the recorder keeps the arguments each layer would have received (per layer, so models whose layers differ
+in mask or rotary table, e.g. OLMo-3's alternating sliding/full attention, are served right). The forward
+stops at the last needed layer. Then each layer is onloaded, run on every batch with its recorded
+arguments and the carried hidden states, and offloaded again.
+
+Layers already managed by accelerate (``dispatch_model``, ``device_map="auto"``, ``cpu_offload``) are not
+moved: their hooks onload the weights themselves, so the same function also works on dispatched models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ghostsolve.adapters import ModelAdapter, get_adapter
+from ghostsolve.errors import GhostsolveError
+from ghostsolve.stats import Stats
+
+__all__ = ["capture_stats_layerwise", "default_execution_device"]
+
+logger = logging.getLogger(__name__)
+
+Interval = tuple[int, int]
+
+
+class _StopForward(Exception):
+    """Raised by the recorder of the last needed layer to end the model's forward early."""
+
+
+@dataclass
+class _LayerCall:
+    """The arguments one decoder layer received for one batch, with the hidden states taken out."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_in_args: bool
+
+
+def default_execution_device() -> torch.device:
+    """``cuda`` (the current device) when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_intervals(intervals: Iterable[Sequence[int]], num_layers: int) -> list[Interval]:
+    out: list[Interval] = []
+    for item in intervals:
+        try:
+            start, end = (int(v) for v in item)
+        except (TypeError, ValueError) as err:
+            raise GhostsolveError(
+                f"interval {item!r} is not a (start, end) pair of layer indices; "
+                "e.g. (5, 8) removes layers 5-7"
+            ) from err
+        if not 0 <= start < end <= num_layers:
+            raise GhostsolveError(
+                f"interval ({start}, {end}) is outside the model's {num_layers} layers; intervals are "
+                f"(start, end) with 0 <= start < end <= {num_layers}, end exclusive"
+            )
+        if (start, end) in out:
+            raise GhostsolveError(f"interval ({start}, {end}) is listed twice; list each interval once")
+        out.append((start, end))
+    if not out:
+        raise GhostsolveError("no intervals given; pass at least one (start, end) removed interval")
+    return out
+
+
+def _has_accelerate_hook(module: nn.Module) -> bool:
+    return hasattr(module, "_hf_hook")
+
+
+def _is_dispatched(model: nn.Module) -> bool:
+    return getattr(model, "hf_device_map", None) is not None or any(
+        _has_accelerate_hook(m) for m in model.modules()
+    )
+
+
+def _tensor_devices(module: nn.Module, *, recurse: bool = True) -> set[torch.device]:
+    return {t.device for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse))}
+
+
+def _prefix_modules(model: nn.Module, layers: nn.Module, head: nn.Module) -> list[nn.Module]:
+    """The maximal submodules that hold neither the decoder layers nor the lm_head.
+
+    These compute whatever enters layer 0 (embeddings, rotary tables, ...) and are moved to the execution
+    device for the recording pass. Modules on the path to the layer list are descended into.
+    """
+    found: list[nn.Module] = []
+
+    def contains(module: nn.Module, target: nn.Module) -> bool:
+        return any(m is target for m in module.modules())
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if child is layers or child is head:
+                continue
+            if contains(child, layers) or contains(child, head):
+                if _tensor_devices(child, recurse=False):
+                    raise GhostsolveError(
+                        f"{type(child).__name__} holds its own parameters beside the decoder layers; "
+                        "layer-by-layer capture cannot place them. Move the model to one device and use "
+                        "capture_stats instead"
+                    )
+                walk(child)
+            else:
+                found.append(child)
+
+    if _tensor_devices(model, recurse=False):
+        raise GhostsolveError(
+            f"{type(model).__name__} holds parameters outside its submodules; layer-by-layer capture "
+            "cannot place them. Move the model to one device and use capture_stats instead"
+        )
+    walk(model)
+    return found
+
+
+def _single_device(module: nn.Module, what: str) -> torch.device | None:
+    devices = _tensor_devices(module)
+    if not devices:
+        return None
+    if len(devices) > 1:
+        raise GhostsolveError(
+            f"{what} has tensors on several devices ({sorted(map(str, devices))}); layer-by-layer capture "
+            "moves whole modules, so place each on one device (or dispatch the model with accelerate)"
+        )
+    (device,) = devices
+    if device.type == "meta":
+        raise GhostsolveError(
+            f"{what} has its weights on the meta device (not loaded); load the model's weights, or "
+            "dispatch it with accelerate so its hooks load them"
+        )
+    return device
+
+
+@contextmanager
+def _onloaded(modules: Sequence[nn.Module], device: torch.device, what: str) -> Iterator[None]:
+    """Move modules to ``device`` for the body and back to where each was, also on error."""
+    moved: list[tuple[nn.Module, torch.device]] = []
+    try:
+        for module in modules:
+            if _has_accelerate_hook(module):
+                continue
+            home = _single_device(module, what)
+            if home is None or home == device:
+                continue
+            module.to(device)
+            moved.append((module, home))
+        yield
+    finally:
+        for module, home in reversed(moved):
+            module.to(home)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(v, device) for v in obj)
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    """Model inputs and the token mask ``(batch, seq_len)`` of one calibration batch."""
+    if isinstance(batch, torch.Tensor):
+        inputs: dict[str, Any] = {"input_ids": batch}
+    elif isinstance(batch, Mapping):
+        inputs = dict(batch)
+    else:
+        raise GhostsolveError(
+            f"a calibration batch is a {type(batch).__name__}; pass dicts with 'input_ids' (batch, seq_len) "
+            "and optionally 'attention_mask', or plain (batch, seq_len) token-id tensors"
+        )
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise GhostsolveError(
+            f"input_ids of a calibration batch is {shape}; it must be a (batch, seq_len) tensor"
+        )
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    elif tuple(mask.shape) != tuple(ids.shape):
+        raise GhostsolveError(
+            f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must match"
+        )
+    return inputs, mask
+
+
+def _token_weights(mask: torch.Tensor, skip_first_token: bool) -> torch.Tensor:
+    """0/1 weight per position: padding out, and position 0 (BOS / attention sink) out on request."""
+    weights = (mask != 0).to(torch.float64)
+    if skip_first_token:
+        weights[:, 0] = 0.0
+    return weights
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    # Decoder layers return a tensor in recent transformers and a tuple (hidden, ...) in older ones.
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise GhostsolveError(
+        f"a decoder layer returned {type(out).__name__}; expected a tensor or a tuple starting with one"
+    )
+
+
+def _record_layer_inputs(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    layers: nn.ModuleList,
+    n_needed: int,
+    inputs: dict[str, Any],
+) -> tuple[torch.Tensor, list[_LayerCall]]:
+    """Run the model's own forward up to layer ``n_needed - 1``; the input of layer 0 and each layer's
+    other arguments."""
+    calls: list[_LayerCall] = []
+    first: list[torch.Tensor] = []
+    position = adapter.hidden_states_arg_position
+    keyword = adapter.hidden_states_kwarg
+    saved: list[tuple[nn.Module, Any]] = []
+
+    def recorder(index: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > position:
+                hidden = args[position]
+                rest = (*args[:position], None, *args[position + 1 :])
+                calls.append(_LayerCall(rest, dict(kwargs), True))
+            elif keyword in kwargs:
+                hidden = kwargs[keyword]
+                others = {k: v for k, v in kwargs.items() if k != keyword}
+                calls.append(_LayerCall(tuple(args), others, False))
+            else:
+                raise GhostsolveError(
+                    f"decoder layer {index} was called without its hidden states (argument {position} or "
+                    f"keyword {keyword!r}); the adapter's hidden_states_arg_position/kwarg do not match"
+                )
+            if index == 0:
+                first.append(hidden)
+            if index == n_needed - 1:
+                raise _StopForward
+            # The layer is skipped: the stream passes unchanged, and only the arguments of later layers
+            # (masks, rotary tables; computed before the loop) are recorded.
+            return hidden
+
+        return forward
+
+    try:
+        for index in range(n_needed):
+            layer = layers[index]
+            saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = recorder(index)  # type: ignore[method-assign]
+        try:
+            model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        else:
+            raise GhostsolveError(
+                f"the model's forward finished without calling decoder layer {n_needed - 1}; "
+                "the adapter's layers_path does not point at the layers the forward runs"
+            )
+    finally:
+        for layer, previous in saved:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous  # type: ignore[method-assign]
+    if len(calls) != n_needed:
+        raise GhostsolveError(
+            f"the model's forward called {len(calls)} decoder layers before layer {n_needed - 1}, expected "
+            f"{n_needed}; layer-by-layer capture needs each layer called once per forward, in order"
+        )
+    return first[0], calls
+
+
+def capture_stats_layerwise(
+    model: nn.Module,
+    batches: Iterable[Any],
+    intervals: Iterable[Sequence[int]],
+    *,
+    device: torch.device | str | None = None,
+    offload_device: torch.device | str = "cpu",
+    stats_device: torch.device | str | None = None,
+    stats_dtype: torch.dtype = torch.float64,
+    skip_first_token: bool = False,
+    adapter: ModelAdapter | None = None,
+    progress: bool = True,
+) -> dict[Interval, Stats]:
+    """Boundary statistics of removed intervals, computed one decoder layer at a time.
+
+    For each interval ``(start, end)`` (``end`` exclusive), ``X`` is the residual stream entering layer
+    ``start`` and ``Y`` the stream entering layer ``end`` (for ``end == num_layers``: the input of the final
+    norm), exactly as :func:`ghostsolve.pipeline.capture.capture_stats` defines them; the statistics are
+    those of ``Y ≈ X W`` with row vectors. The result equals whole-model capture up to the rounding of the
+    fp64 sums.
+
+    Parameters
+    ----------
+    model : transformers ``*ForCausalLM``
+        A model of a family with an adapter, in eval mode, with its weights anywhere (typically the CPU),
+        or dispatched by accelerate. It is returned to its original placement, also on error.
+    batches : iterable of dict or tensor
+        Calibration batches: ``{"input_ids": (batch, seq_len) long, "attention_mask": (batch, seq_len)}``
+        or plain ``(batch, seq_len)`` id tensors. Materialized into a list (the activations of all of them
+        are carried between layers).
+    intervals : iterable of (start, end)
+        Removed intervals, ``0 <= start < end <= num_layers``.
+    device : torch.device or str, optional
+        Execution device onto which each layer is moved in turn (default: the current CUDA device if any,
+        else the CPU).
+    offload_device : torch.device or str, default "cpu"
+        Where the carried activations live between layers.
+    stats_device : torch.device or str, optional
+        Where the statistics live (default: ``device``).
+    stats_dtype : torch.dtype, default float64
+        Accumulation dtype of the statistics.
+    skip_first_token : bool, default False
+        Exclude position 0 of every sequence (BOS / attention-sink token) from the statistics.
+    adapter : ModelAdapter, optional
+        Default: ``get_adapter(model)``.
+    progress : bool, default True
+        Show a tqdm bar over layers.
+
+    Returns
+    -------
+    dict of (start, end) to Stats
+        In the order of ``intervals``; each ``Stats(hidden_size, dtype=stats_dtype)`` on ``stats_device``.
+
+    Raises
+    ------
+    GhostsolveError
+        Bad intervals (empty, duplicated, out of range); a batch without ``(batch, seq_len)`` input ids or
+        with a mismatched mask; no batches; a layer with weights on several devices or on the meta device
+        (not dispatched); a boundary that saw no tokens; non-finite activations (named by boundary; usually
+        fp16/bf16 overflow — load the model in fp32 or bf16).
+
+    Notes
+    -----
+    Memory on ``offload_device``: the activations of all calibration tokens, ``n_tokens · d`` elements in
+    the model's dtype, once for the current stream plus once per interval whose ``start`` has been passed
+    but whose ``end`` has not (one, for disjoint intervals). On ``device``: one layer, one batch of
+    activations, the recorded masks and rotary tables, and the statistics.
+    """
+    adapter = adapter if adapter is not None else get_adapter(model)
+    layers = adapter.layers(model)
+    num_layers = len(layers)
+    checked = _check_intervals(intervals, num_layers)
+    exec_device = torch.device(device) if device is not None else default_execution_device()
+    offload = torch.device(offload_device)
+    stats_at = torch.device(stats_device) if stats_device is not None else exec_device
+    items = list(batches)
+    if not items:
+        raise GhostsolveError("no calibration batches given; pass at least one batch of input ids")
+    split = [_split_batch(batch) for batch in items]
+
+    n_needed = max(end for _, end in checked)
+    starts = {start for start, _ in checked}
+    dispatched = _is_dispatched(model)
+    head = adapter.lm_head(model)
+
+    hidden: list[torch.Tensor] = []
+    calls_per_batch: list[list[_LayerCall]] = []
+    weights: list[torch.Tensor] = []
+    with torch.no_grad():
+        prefix = [] if dispatched else _prefix_modules(model, layers, head)
+        with _onloaded(prefix, exec_device, "a module before the first decoder layer"):
+            for inputs, mask in split:
+                moved = inputs if dispatched else _to(inputs, exec_device)
+                entering, calls = _record_layer_inputs(model, adapter, layers, n_needed, moved)
+                hidden.append(entering.to(offload))
+                calls_per_batch.append(calls)
+                weights.append(_token_weights(mask, skip_first_token))
+
+        dim = int(hidden[0].shape[-1])
+        stats = {iv: Stats(dim, dtype=stats_dtype, device=stats_at) for iv in checked}
+        # The stream entering each open interval's start, kept until its end is reached.
+        held: dict[int, list[torch.Tensor]] = {}
+        bar = tqdm(range(n_needed), desc="layer-by-layer capture", unit="layer", disable=not progress)
+        for index in bar:
+            if index in starts:
+                held[index] = hidden
+            layer = layers[index]
+            with _onloaded([layer], exec_device, f"decoder layer {index}"):
+                carried: list[torch.Tensor] = []
+                for b, calls in enumerate(calls_per_batch):
+                    call = calls[index]
+                    h = hidden[b] if dispatched else hidden[b].to(exec_device)
+                    if call.hidden_in_args:
+                        position = adapter.hidden_states_arg_position
+                        args = (*call.args[:position], h, *call.args[position + 1 :])
+                        out = layer(*args, **call.kwargs)
+                    else:
+                        out = layer(*call.args, **{adapter.hidden_states_kwarg: h}, **call.kwargs)
+                    carried.append(_first_tensor(out).to(offload))
+            hidden = carried
+            boundary = index + 1
+            for start, end in checked:
+                if end == boundary:
+                    _accumulate(stats[(start, end)], (start, end), held[start], hidden, weights, exec_device)
+            for start in [s for s in held if all(end <= boundary for s2, end in checked if s2 == s)]:
+                del held[start]
+    return stats
+
+
+def _accumulate(
+    stats: Stats,
+    interval: Interval,
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    device: torch.device,
+) -> None:
+    start, end = interval
+    for x, y, w in zip(xs, ys, weights, strict=True):
+        keep = w.reshape(-1) > 0
+        rows_x = x.reshape(-1, x.shape[-1])[keep.to(x.device)].to(device)
+        rows_y = y.reshape(-1, y.shape[-1])[keep.to(y.device)].to(device)
+        try:
+            stats.update(rows_x, rows_y)
+        except GhostsolveError as err:
+            raise GhostsolveError(f"boundary of removed interval ({start}, {end}): {err}") from err
+    if stats.n_rows == 0:
+        raise GhostsolveError(
+            f"the boundary of removed interval ({start}, {end}) saw no tokens: every position is padding "
+            "or a skipped first token; give longer or unpadded calibration sequences"
+        )
