@@ -1,1 +1,48 @@
-"""ghostsolve: closed-form linear recovery of layer-pruned language models."""
+"""ghostsolve: closed-form linear recovery of layer-pruned language models.
+
+The core (this package's top-level modules) works on torch tensors and never imports transformers;
+``ghostsolve.load`` (from :mod:`ghostsolve.pipeline.checkpoint`) is resolved lazily on first access.
+
+>>> import torch, ghostsolve
+>>> X = torch.randn(512, 16, dtype=torch.float64)
+>>> f = ghostsolve.fit(X, 1.5 * X, family="scalar")
+>>> round(f.relative_residual, 12)
+0.0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import GhostsolveError, IllConditionedWarning, NumericalError
+from .families import FAMILIES
+from .fit import Fit, FitDiagnostics, fit, ridge_path
+from .solvers import SOLVERS, SolverChoice, choose_solver
+from .stats import Stats
+
+__all__ = [
+    "FAMILIES",
+    "SOLVERS",
+    "Fit",
+    "FitDiagnostics",
+    "GhostsolveError",
+    "IllConditionedWarning",
+    "NumericalError",
+    "SolverChoice",
+    "Stats",
+    "choose_solver",
+    "fit",
+    "load",
+    "ridge_path",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import ghostsolve` never pulls in transformers (the checkpoint module needs it).
+    if name == "load":
+        from .pipeline.checkpoint import load
+
+        return load
+    raise AttributeError(f"module 'ghostsolve' has no attribute {name!r}")

@@ -1,0 +1,385 @@
+"""Solvers for the ridge least-squares problem ``min_M ‖X M − (Y − X)‖² + λ‖M‖²``.
+
+All solvers work on the statistics, never on stored rows: the Gram matrix ``G = XᵀX``, the right-hand
+side ``B = Xᵀ(Y − X)`` and, for the stable solvers, the TSQR factor ``R`` of ``[X | Y − X]``. The normal
+equations are ``(G + λI) M = B``.
+
+Solvers
+-------
+``cholesky``
+    Factor ``G + λI`` once (``cholesky_ex``), solve by two triangular solves. Fast; its accuracy is
+    ``≈ cond(XᵀX) · eps = cond(X)² · eps``. When the factorization fails (``G + λI`` not numerically
+    positive definite) it falls back to ``qr`` (when ``R`` is known) or to ``svd``; the fallback is recorded
+    in ``Fit.diagnostics.notes``.
+``qr``
+    Back-substitution with the ``R`` of the streaming TSQR: ``M = R₁₁⁻¹ R₁₂``. Works with ``cond(X)``,
+    not its square: the stable choice for ill-conditioned activations in fp32. A ridge is applied by
+    re-factoring ``[[R₁₁, R₁₂], [√λ I, 0]]``.
+``svd``
+    Minimum-norm solution, truncated by the rank policy below; from the SVD of ``R₁₁`` when ``R`` is known,
+    otherwise from the eigendecomposition of ``G``. For rank-deficient data (N < d).
+``eigh``
+    One eigendecomposition ``G = V diag(e) Vᵀ``; then ``M(λ) = V diag(1/(e + λ)) Vᵀ B`` for any ``λ``
+    at ``O(d²)`` each (ridge paths, :func:`ghostsolve.fit.ridge_path`).
+``auto``
+    The decision list of :func:`choose_solver`.
+
+Regularization and rank policy (one place: :func:`rank_cutoff`)
+-------------------------------------------------------------
+* ``ridge`` is relative: ``λ = ridge · trace(XᵀX) / d`` (mean of the diagonal), so the same ``ridge``
+  means the same thing whatever the scale of the activations.
+* A direction is dropped by ``svd``/``eigh`` when its singular value of ``X`` is below
+  ``rcond · s_max`` with ``rcond = d · eps(dtype)`` for factors of ``X`` itself (``R``), and
+  ``rcond = sqrt(d · eps(dtype))`` when working from ``XᵀX`` (its eigenvalues are ``s²`` and carry an
+  absolute error ``≈ d · eps · s_max²``, so smaller ``s`` are invisible there — the squaring of the
+  condition number in action). ``d · eps`` is the backward error of a stable ``d × d`` factorization;
+  we do not follow numpy's ``eps · max(N, d)``, which would tie the cutoff to the amount of calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GhostsolveError, IllConditionedWarning, NumericalError
+from .stats import Stats
+
+__all__ = [
+    "SOLVERS",
+    "Problem",
+    "Solution",
+    "SolverChoice",
+    "choose_solver",
+    "estimate_condition",
+    "kappa_safe",
+    "make_problem",
+    "rank_cutoff",
+    "solve",
+]
+
+SOLVERS: tuple[str, ...] = ("auto", "cholesky", "qr", "svd", "eigh")
+_FULL_RANK = ("cholesky", "qr")
+# A solve whose error bound cond · eps exceeds this is called unsafe: 1e-3 leaves three correct digits
+# in the operator, below which the fit's objective visibly degrades in our tests.
+_SAFE_ERROR = 1e-3
+
+
+def eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def kappa_safe(dtype: torch.dtype) -> float:
+    """Largest condition number of the factored matrix for which ``dtype`` is called safe.
+
+    ``1e-3 / eps(dtype)``: about ``8.4e3`` for float32 and ``4.5e12`` for float64. Applied to
+    ``cond(XᵀX)`` for cholesky/eigh and to ``cond(X) = sqrt(cond(XᵀX))`` for qr/svd on ``R``.
+    """
+    return _SAFE_ERROR / eps(dtype)
+
+
+def rank_cutoff(d: int, dtype: torch.dtype, *, from_gram: bool) -> float:
+    """Relative singular-value cutoff of ``X`` (see the module docstring for the policy)."""
+    r = d * eps(dtype)
+    return math.sqrt(r) if from_gram else r
+
+
+@dataclass
+class Problem:
+    """The statistics a solver needs, in the working dtype.
+
+    Attributes
+    ----------
+    G : (d, d) tensor
+        ``XᵀX``.
+    B : (d, d) tensor
+        ``Xᵀ(Y − X)``.
+    lam : float
+        Absolute ridge ``λ``.
+    n_rows : float
+        Weighted row count.
+    R : (k, 2d) tensor or None
+        TSQR factor of ``[X | Y − X]``.
+    """
+
+    G: torch.Tensor
+    B: torch.Tensor
+    lam: float
+    n_rows: float
+    R: torch.Tensor | None = None
+
+    @property
+    def d(self) -> int:
+        return int(self.G.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.G.dtype
+
+
+@dataclass
+class Solution:
+    """A solver's answer: ``M`` and how it was obtained."""
+
+    M: torch.Tensor
+    solver: str
+    notes: list[str] = field(default_factory=list)
+    eigenvalues: torch.Tensor | None = None  # of G + λI, ascending, when the solver computed them
+    rank: int | None = None  # directions kept by a truncating solver
+
+
+@dataclass(frozen=True)
+class SolverChoice:
+    """What ``solver="auto"`` picks, and why."""
+
+    solver: str
+    reason: str
+    condition_estimate: float
+
+    def __str__(self) -> str:
+        return f"{self.solver}: {self.reason}"
+
+
+def relative_lambda(G: torch.Tensor, ridge: float) -> float:
+    """``λ = ridge · mean(diag(G))``."""
+    if ridge == 0:
+        return 0.0
+    return float(ridge) * float(torch.diagonal(G).double().mean())
+
+
+def make_problem(stats: Stats, dtype: torch.dtype, ridge: float) -> Problem:
+    """The :class:`Problem` of ``stats`` in ``dtype`` with relative ``ridge``."""
+    lam = relative_lambda(stats.xtx, ridge)
+    R = stats.r_factor.to(dtype) if stats.r_factor is not None else None
+    return Problem(G=stats.xtx.to(dtype), B=stats.xtd.to(dtype), lam=lam, n_rows=stats.n_rows, R=R)
+
+
+def _shifted(G: torch.Tensor, lam: float) -> torch.Tensor:
+    A = G.clone()
+    if lam:
+        A.diagonal().add_(lam)
+    return A
+
+
+def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: int = 20) -> float:
+    """Cheap estimate of ``cond(A)`` for symmetric positive semi-definite ``A`` (d × d).
+
+    Block power iteration for ``λ_max`` and block inverse iteration (through the Cholesky factor) for
+    ``λ_min``, in float64: ``O(iters · d²)`` instead of the ``O(d³)`` eigendecomposition. It is a lower
+    bound that is usually within a small factor; ``inf`` when ``A`` is not numerically positive definite.
+    """
+    A64 = A.double()
+    d = A64.shape[0]
+    if L is None or L.dtype != torch.float64:
+        L, info = torch.linalg.cholesky_ex(A64)
+        if int(info) != 0:
+            return math.inf
+    if not bool(torch.isfinite(L).all()):
+        return math.inf
+    k = min(4, d)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    V = torch.randn(d, k, generator=gen, dtype=torch.float64).to(A64.device)
+    W = V.clone()
+    for _ in range(iters):
+        V = torch.linalg.qr(A64 @ V).Q
+        W = torch.linalg.qr(torch.cholesky_solve(W, L)).Q
+    lmax = float(torch.linalg.eigvalsh(V.T @ A64 @ V).max())
+    # λ_max(A⁻¹) = max ‖L⁻¹ w‖² over the converged block: no cancellation against ‖A‖.
+    Z = torch.linalg.solve_triangular(L, W, upper=False)
+    inv_max = float(torch.linalg.eigvalsh(Z.T @ Z).max())
+    if lmax <= 0 or inv_max <= 0 or not math.isfinite(inv_max):
+        return math.inf
+    return lmax * inv_max
+
+
+def choose_solver(
+    stats: Stats, *, dtype: torch.dtype = torch.float64, ridge: float = 0.0, raw_data: bool = False
+) -> SolverChoice:
+    """The solver ``solver="auto"`` uses for these statistics, with the reason.
+
+    Decision list (first match wins), with ``κ`` the estimated ``cond(XᵀX + λI)``
+    (:func:`estimate_condition`, float64) and ``κ_safe = 1e-3 / eps(dtype)`` (:func:`kappa_safe`):
+
+    1. ``ridge == 0`` and fewer rows than ``d`` → ``svd`` (XᵀX is singular; minimum-norm solution).
+    2. ``κ ≤ κ_safe`` → ``cholesky`` (fast; error ``≈ κ · eps`` is acceptable).
+    3. The TSQR factor is available (``Stats(qr=True)``) or ``fit`` holds the raw rows (``raw_data``):
+       ``sqrt(κ) ≤ κ_safe`` → ``qr`` (error ``≈ cond(X) · eps``), else ``svd`` (truncated on ``R``).
+    4. Otherwise → ``svd`` from the eigendecomposition of XᵀX (truncated at ``sqrt(d · eps)``); a TSQR
+       would resolve more directions.
+
+    Parameters
+    ----------
+    stats : Stats
+    dtype : torch.dtype
+        Working precision of the solve.
+    ridge : float
+        Relative ridge.
+    raw_data : bool
+        Whether the rows themselves are at hand (so a TSQR pass is possible).
+    """
+    d = stats.dim
+    if ridge == 0 and stats.n_rows < d:
+        return SolverChoice(
+            "svd",
+            f"fewer rows ({stats.n_rows:g}) than d={d}: XᵀX is singular, use the minimum-norm svd",
+            math.inf,
+        )
+    G64 = _shifted(stats.xtx.double(), relative_lambda(stats.xtx, ridge))
+    kappa = estimate_condition(G64)
+    safe = kappa_safe(dtype)
+    name = str(dtype).removeprefix("torch.")
+    if kappa <= safe:
+        return SolverChoice("cholesky", f"cond(XᵀX+λI) ≈ {kappa:.2g} ≤ {safe:.2g} (safe in {name})", kappa)
+    if stats.qr or raw_data:
+        if math.sqrt(kappa) <= safe:
+            return SolverChoice(
+                "qr",
+                f"cond(XᵀX+λI) ≈ {kappa:.2g} > {safe:.2g}, but cond(X) ≈ {math.sqrt(kappa):.2g} is safe "
+                f"in {name} for TSQR",
+                kappa,
+            )
+        return SolverChoice(
+            "svd", f"cond(X) ≈ {math.sqrt(kappa):.2g} > {safe:.2g}: truncated svd on R", kappa
+        )
+    return SolverChoice(
+        "svd",
+        f"cond(XᵀX+λI) ≈ {kappa:.2g} > {safe:.2g} in {name} and no TSQR factor: truncated svd of XᵀX "
+        "(build Stats(qr=True) for the more accurate qr solver)",
+        kappa,
+    )
+
+
+def check_full_rank(solver: str, n_rows: float, d: int, ridge: float) -> None:
+    """Raise when ``solver`` needs full column rank that ``n_rows < d`` rows cannot give."""
+    if solver in _FULL_RANK and ridge == 0 and n_rows < d:
+        raise GhostsolveError(
+            f"solver={solver!r} needs at least d={d} rows for a full-rank XᵀX, but only {n_rows:g} rows were "
+            "seen; use solver='svd' (minimum-norm) or 'auto', or ridge>0 (e.g. ridge=1e-4), or more "
+            "calibration tokens"
+        )
+
+
+def solve(problem: Problem, solver: str) -> Solution:
+    """Solve ``(G + λI) M = B`` with a named solver (not ``auto``).
+
+    Raises
+    ------
+    GhostsolveError
+        ``qr`` without a TSQR factor.
+    NumericalError
+        Non-finite statistics or a failure of the fallback solver.
+    """
+    if not (bool(torch.isfinite(problem.G).all()) and bool(torch.isfinite(problem.B).all())):
+        raise NumericalError(
+            "the statistics XᵀX or Xᵀ(Y−X) contain NaN/Inf (overflow in a float32 accumulation?); "
+            "accumulate in float64 (Stats(dtype=torch.float64))"
+        )
+    if solver == "cholesky":
+        return _cholesky(problem)
+    if solver == "qr":
+        if problem.R is None:
+            raise GhostsolveError(
+                "solver='qr' needs the TSQR factor: pass X and Y to fit() or build Stats(dim, qr=True); "
+                "with statistics only use solver='svd' or 'eigh'"
+            )
+        return _qr(problem)
+    if solver == "svd":
+        return _svd_r(problem) if problem.R is not None else _eig(problem, "svd")
+    if solver == "eigh":
+        return _eig(problem, "eigh")
+    raise GhostsolveError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
+
+
+def _cholesky(p: Problem) -> Solution:
+    A = _shifted(p.G, p.lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        M = torch.cholesky_solve(p.B, L)
+        if bool(torch.isfinite(M).all()):
+            kappa = estimate_condition(A, L if A.dtype == torch.float64 else None)
+            if kappa > kappa_safe(A.dtype):
+                warnings.warn(
+                    f"cholesky on XᵀX+λI with cond ≈ {kappa:.2g} in {A.dtype}: the operator may be "
+                    "inaccurate "
+                    f"(error ≈ cond · eps = {kappa * eps(A.dtype):.2g}); use solver='qr' or 'auto', "
+                    "dtype=torch.float64, or a ridge",
+                    IllConditionedWarning,
+                    stacklevel=4,
+                )
+            return Solution(M, "cholesky")
+        reason = "the triangular solves produced NaN/Inf"
+    else:
+        reason = f"leading minor {int(info)} of XᵀX+λI is not positive definite in {A.dtype}"
+    fallback = "qr" if p.R is not None else "svd"
+    sol = _qr(p) if p.R is not None else _eig(p, "svd")
+    sol.notes.insert(
+        0,
+        f"cholesky failed ({reason}); fell back to {fallback}. Causes: too few or collinear calibration "
+        "rows, float32 statistics. Remedies: ridge>0, dtype=torch.float64, more tokens",
+    )
+    return Solution(sol.M, f"cholesky→{sol.solver}", sol.notes, sol.eigenvalues, sol.rank)
+
+
+def _split_r(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R₁₁, R₁₂)`` of the (ridge-augmented) TSQR factor, each with ``min(k, d)`` rows."""
+    assert p.R is not None
+    d = p.d
+    R = p.R
+    if p.lam:
+        aug = torch.zeros(d, 2 * d, dtype=R.dtype, device=R.device)
+        aug[:, :d].diagonal().fill_(math.sqrt(p.lam))
+        R = torch.linalg.qr(torch.cat([R, aug]), mode="r").R
+    k = min(R.shape[0], d)
+    return R[:k, :d], R[:k, d:]
+
+
+def _qr(p: Problem) -> Solution:
+    R11, R12 = _split_r(p)
+    d = p.d
+    diag = R11.diagonal().abs() if R11.shape[0] == d else torch.zeros(1, dtype=R11.dtype)
+    if R11.shape[0] < d or float(diag.min()) <= rank_cutoff(d, p.dtype, from_gram=False) * float(diag.max()):
+        sol = _svd_r(p)
+        sol.notes.insert(
+            0, "qr: R is numerically singular (rank-deficient X); fell back to the minimum-norm svd"
+        )
+        return Solution(sol.M, "qr→svd", sol.notes, sol.eigenvalues, sol.rank)
+    M = torch.linalg.solve_triangular(R11, R12, upper=True)
+    return Solution(M, "qr")
+
+
+def _svd_r(p: Problem) -> Solution:
+    R11, R12 = _split_r(p)
+    d = p.d
+    U, s, Vh = torch.linalg.svd(R11, full_matrices=False)
+    keep = s > rank_cutoff(d, p.dtype, from_gram=False) * s.max() if s.numel() else s > 0
+    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    M = Vh.T @ (inv.unsqueeze(1) * (U.T @ R12))
+    eig = torch.zeros(d, dtype=torch.float64, device=s.device)
+    eig[: s.numel()] = s.double() ** 2
+    return Solution(M, "svd", eigenvalues=eig.sort().values, rank=int(keep.sum()))
+
+
+def eig_decompose(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, V, VᵀB)`` with ``G = V diag(e) Vᵀ`` (ascending ``e``), for one or many ridges."""
+    e, V = torch.linalg.eigh(p.G)
+    return e, V, V.T @ p.B
+
+
+def eig_solution(e: torch.Tensor, V: torch.Tensor, VtB: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    """``M(λ) = V diag(1/(e + λ)) Vᵀ B`` truncated by the rank policy; returns ``(M, kept)``."""
+    d = e.shape[0]
+    shifted = e + lam
+    top = float(shifted.max()) if d else 0.0
+    keep = shifted > rank_cutoff(d, e.dtype, from_gram=True) ** 2 * top
+    inv = torch.where(
+        keep, 1.0 / torch.where(keep, shifted, torch.ones_like(shifted)), torch.zeros_like(shifted)
+    )
+    return V @ (inv.unsqueeze(1) * VtB), int(keep.sum())
+
+
+def _eig(p: Problem, name: str) -> Solution:
+    e, V, VtB = eig_decompose(p)
+    M, kept = eig_solution(e, V, VtB, p.lam)
+    return Solution(M, name, eigenvalues=(e.double() + p.lam).clamp_min(0), rank=kept)
