@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.capture import Interval, check_intervals
+from ghostsolve.pipeline.surgery import GhostedLayer, GhostedNorm
 from ghostsolve.stats import Stats
 
 __all__ = ["capture_stats_layerwise", "default_execution_device"]
 
 logger = logging.getLogger(__name__)
-
-Interval = tuple[int, int]
 
 
 class _StopForward(Exception):
@@ -60,29 +60,6 @@ def default_execution_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _check_intervals(intervals: Iterable[Sequence[int]], num_layers: int) -> list[Interval]:
-    out: list[Interval] = []
-    for item in intervals:
-        try:
-            start, end = (int(v) for v in item)
-        except (TypeError, ValueError) as err:
-            raise GhostsolveError(
-                f"interval {item!r} is not a (start, end) pair of layer indices; "
-                "e.g. (5, 8) removes layers 5-7"
-            ) from err
-        if not 0 <= start < end <= num_layers:
-            raise GhostsolveError(
-                f"interval ({start}, {end}) is outside the model's {num_layers} layers; intervals are "
-                f"(start, end) with 0 <= start < end <= {num_layers}, end exclusive"
-            )
-        if (start, end) in out:
-            raise GhostsolveError(f"interval ({start}, {end}) is listed twice; list each interval once")
-        out.append((start, end))
-    if not out:
-        raise GhostsolveError("no intervals given; pass at least one (start, end) removed interval")
-    return out
 
 
 def _has_accelerate_hook(module: nn.Module) -> bool:
@@ -210,12 +187,13 @@ def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor]:
     return inputs, mask
 
 
-def _token_weights(mask: torch.Tensor, skip_first_token: bool) -> torch.Tensor:
-    """0/1 weight per position: padding out, and position 0 (BOS / attention sink) out on request."""
-    weights = (mask != 0).to(torch.float64)
+def _token_keep(mask: torch.Tensor, skip_first_token: bool) -> torch.Tensor:
+    """Which positions ``(batch, seq_len)`` enter the statistics: not padding and, on request, not the
+    first real token of a row (BOS / attention sink; left padding moves it), as in ``capture_stats``."""
+    keep = mask != 0
     if skip_first_token:
-        weights[:, 0] = 0.0
-    return weights
+        keep = keep & ~(keep.long().cumsum(dim=1) == 1)
+    return keep
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -297,38 +275,49 @@ def _record_layer_inputs(
     return first[0], calls
 
 
+def _ghosts(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """The ghost operators in front of a (possibly wrapped) layer or norm, outermost first, and the
+    wrapped module itself."""
+    ghosts: list[nn.Module] = []
+    while isinstance(module, (GhostedLayer, GhostedNorm)):
+        ghosts.append(module.ghost)
+        module = module.layer if isinstance(module, GhostedLayer) else module.norm
+    return ghosts, module
+
+
 def capture_stats_layerwise(
     model: nn.Module,
     batches: Iterable[Any],
-    intervals: Iterable[Sequence[int]],
+    intervals: Iterable[Interval],
     *,
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
     stats_device: torch.device | str | None = None,
-    stats_dtype: torch.dtype = torch.float64,
     skip_first_token: bool = False,
-    adapter: ModelAdapter | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float64,
+    product_dtype: torch.dtype | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> dict[Interval, Stats]:
     """Boundary statistics of removed intervals, computed one decoder layer at a time.
 
     For each interval ``(start, end)`` (``end`` exclusive), ``X`` is the residual stream entering layer
     ``start`` and ``Y`` the stream entering layer ``end`` (for ``end == num_layers``: the input of the final
-    norm), exactly as :func:`ghostsolve.pipeline.capture.capture_stats` defines them; the statistics are
-    those of ``Y ≈ X W`` with row vectors. The result equals whole-model capture up to the rounding of the
-    fp64 sums.
+    norm), as :func:`ghostsolve.pipeline.capture.capture_stats` defines them (after any ghost operator
+    already inserted there); the statistics are those of ``Y ≈ X W`` with row vectors, ``W = I + M``. The
+    result equals whole-model capture up to the rounding of the fp64 sums.
 
     Parameters
     ----------
     model : transformers ``*ForCausalLM``
-        A model of a family with an adapter, in eval mode, with its weights anywhere (typically the CPU),
-        or dispatched by accelerate. It is returned to its original placement, also on error.
+        A model of a family with an adapter, with its weights anywhere (typically the CPU), or dispatched
+        by accelerate. It comes back on its original devices and in its training mode, also on error.
     batches : iterable of dict or tensor
         Calibration batches: ``{"input_ids": (batch, seq_len) long, "attention_mask": (batch, seq_len)}``
         or plain ``(batch, seq_len)`` id tensors. Materialized into a list (the activations of all of them
         are carried between layers).
     intervals : iterable of (start, end)
-        Removed intervals, ``0 <= start < end <= num_layers``.
+        Removed intervals, ``0 <= start < end <= num_layers``, not overlapping.
     device : torch.device or str, optional
         Execution device onto which each layer is moved in turn (default: the current CUDA device if any,
         else the CPU).
@@ -336,94 +325,161 @@ def capture_stats_layerwise(
         Where the carried activations live between layers.
     stats_device : torch.device or str, optional
         Where the statistics live (default: ``device``).
-    stats_dtype : torch.dtype, default float64
-        Accumulation dtype of the statistics.
     skip_first_token : bool, default False
-        Exclude position 0 of every sequence (BOS / attention-sink token) from the statistics.
-    adapter : ModelAdapter, optional
-        Default: ``get_adapter(model)``.
+        Exclude each row's first real token (BOS / attention sink) from the statistics.
     progress : bool, default True
         Show a tqdm bar over layers.
+    dtype : torch.dtype, default float64
+        Accumulation dtype of the statistics.
+    product_dtype : torch.dtype, optional
+        Per-chunk product precision (see :class:`ghostsolve.Stats`); None = ``dtype``.
+    adapter : ModelAdapter, optional
+        Default: ``get_adapter(model)``.
 
     Returns
     -------
     dict of (start, end) to Stats
-        In the order of ``intervals``; each ``Stats(hidden_size, dtype=stats_dtype)`` on ``stats_device``.
+        Sorted by interval; each ``Stats(hidden_size, dtype=dtype)`` on ``stats_device``.
 
     Raises
     ------
     GhostsolveError
-        Bad intervals (empty, duplicated, out of range); a batch without ``(batch, seq_len)`` input ids or
-        with a mismatched mask; no batches; a layer with weights on several devices or on the meta device
-        (not dispatched); a boundary that saw no tokens; non-finite activations (named by boundary; usually
-        fp16/bf16 overflow — load the model in fp32 or bf16).
+        Bad intervals (empty, malformed, out of range, overlapping); no batches, or a batch without
+        ``(batch, seq_len)`` input ids or with a mismatched mask; a module with weights on several devices
+        or on the meta device (not dispatched); a boundary that saw no tokens; non-finite activations
+        (named by interval; usually fp16 overflow — capture in fp32 or bf16).
 
     Notes
     -----
     Memory on ``offload_device``: the activations of all calibration tokens, ``n_tokens · d`` elements in
     the model's dtype, once for the current stream plus once per interval whose ``start`` has been passed
-    but whose ``end`` has not (one, for disjoint intervals). On ``device``: one layer, one batch of
-    activations, the recorded masks and rotary tables, and the statistics.
+    but whose ``end`` has not (at most one, since intervals do not overlap). On ``device``: one layer, one
+    batch of activations, the recorded masks and rotary tables of every batch, and the statistics.
+
+    Examples
+    --------
+    >>> stats = capture_stats_layerwise(model, batches, [(5, 8)], device="cuda")  # doctest: +SKIP
     """
     adapter = adapter if adapter is not None else get_adapter(model)
     layers = adapter.layers(model)
     num_layers = len(layers)
-    checked = _check_intervals(intervals, num_layers)
+    checked = check_intervals(intervals, num_layers)
     exec_device = torch.device(device) if device is not None else default_execution_device()
     offload = torch.device(offload_device)
     stats_at = torch.device(stats_device) if stats_device is not None else exec_device
-    items = list(batches)
-    if not items:
-        raise GhostsolveError("no calibration batches given; pass at least one batch of input ids")
-    split = [_split_batch(batch) for batch in items]
+    split = [_split_batch(batch) for batch in batches]
+    if not split:
+        raise GhostsolveError("no calibration batches: the batches iterable was empty")
 
-    n_needed = max(end for _, end in checked)
+    last = max(end for _, end in checked)
     starts = {start for start, _ in checked}
+    ends = {end: (start, end) for start, end in checked}
     dispatched = _is_dispatched(model)
-    head = adapter.lm_head(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return _run(
+                model,
+                adapter,
+                layers,
+                split,
+                checked,
+                starts,
+                ends,
+                last,
+                dispatched,
+                exec_device,
+                offload,
+                stats_at,
+                skip_first_token,
+                progress,
+                dtype,
+                product_dtype,
+            )
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
-    hidden: list[torch.Tensor] = []
+
+def _run(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    layers: nn.ModuleList,
+    split: list[tuple[dict[str, Any], torch.Tensor]],
+    checked: list[Interval],
+    starts: set[int],
+    ends: dict[int, Interval],
+    last: int,
+    dispatched: bool,
+    exec_device: torch.device,
+    offload: torch.device,
+    stats_at: torch.device,
+    skip_first_token: bool,
+    progress: bool,
+    dtype: torch.dtype,
+    product_dtype: torch.dtype | None,
+) -> dict[Interval, Stats]:
+    num_layers = len(layers)
+    stream: list[torch.Tensor] = []
     calls_per_batch: list[list[_LayerCall]] = []
-    weights: list[torch.Tensor] = []
-    with torch.no_grad():
-        prefix = [] if dispatched else _prefix_modules(model, layers, head)
-        with _onloaded(prefix, exec_device, "a module before the first decoder layer"):
-            for inputs, mask in split:
-                moved = inputs if dispatched else _to(inputs, exec_device)
-                entering, calls = _record_layer_inputs(model, adapter, layers, n_needed, moved)
-                hidden.append(entering.to(offload))
-                calls_per_batch.append(calls)
-                weights.append(_token_weights(mask, skip_first_token))
+    keeps: list[torch.Tensor] = []
+    prefix = [] if dispatched else _prefix_modules(model, layers, adapter.lm_head(model))
+    with _onloaded(prefix, exec_device, "a module before the first decoder layer"):
+        for inputs, mask in split:
+            moved = inputs if dispatched else _to(inputs, exec_device)
+            entering, calls = _record_layer_inputs(model, adapter, layers, last, moved)
+            stream.append(entering.to(offload))
+            calls_per_batch.append(calls)
+            keeps.append(_token_keep(mask, skip_first_token))
 
-        dim = int(hidden[0].shape[-1])
-        stats = {iv: Stats(dim, dtype=stats_dtype, device=stats_at) for iv in checked}
-        # The stream entering each open interval's start, kept until its end is reached.
-        held: dict[int, list[torch.Tensor]] = {}
-        bar = tqdm(range(n_needed), desc="layer-by-layer capture", unit="layer", disable=not progress)
-        for index in bar:
-            if index in starts:
-                held[index] = hidden
-            layer = layers[index]
-            with _onloaded([layer], exec_device, f"decoder layer {index}"):
-                carried: list[torch.Tensor] = []
-                for b, calls in enumerate(calls_per_batch):
-                    call = calls[index]
-                    h = hidden[b] if dispatched else hidden[b].to(exec_device)
-                    if call.hidden_in_args:
-                        position = adapter.hidden_states_arg_position
-                        args = (*call.args[:position], h, *call.args[position + 1 :])
-                        out = layer(*args, **call.kwargs)
-                    else:
-                        out = layer(*call.args, **{adapter.hidden_states_kwarg: h}, **call.kwargs)
-                    carried.append(_first_tensor(out).to(offload))
-            hidden = carried
-            boundary = index + 1
-            for start, end in checked:
-                if end == boundary:
-                    _accumulate(stats[(start, end)], (start, end), held[start], hidden, weights, exec_device)
-            for start in [s for s in held if all(end <= boundary for s2, end in checked if s2 == s)]:
-                del held[start]
+    dim = int(stream[0].shape[-1])
+    stats = {iv: Stats(dim, dtype=dtype, device=stats_at, product_dtype=product_dtype) for iv in checked}
+    held: list[torch.Tensor] | None = None  # the stream entering the open interval's start
+    position = adapter.hidden_states_arg_position
+    keyword = adapter.hidden_states_kwarg
+    bar = tqdm(range(last + 1), desc="ghostsolve layer-by-layer capture", unit="layer", disable=not progress)
+    for b in bar:
+        # The stream entering boundary b is what enters the layer proper: after any ghost in front of it.
+        outer = layers[b] if b < num_layers else adapter.final_norm(model)
+        ghosts, inner = _ghosts(outer)
+        if ghosts:
+            with _onloaded(ghosts, exec_device, f"the ghost operator before boundary {b}"):
+                ghosted: list[torch.Tensor] = []
+                for h in stream:
+                    h = h.to(exec_device)
+                    for ghost in ghosts:
+                        h = ghost(h)
+                    ghosted.append(h.to(offload))
+            stream = ghosted
+        if b in ends:
+            if held is None:  # pragma: no cover - check_intervals guarantees start < end
+                raise AssertionError("interval end reached before its start")
+            _accumulate(stats[ends[b]], ends[b], held, stream, keeps, exec_device, num_layers)
+            held = None
+        if b in starts:
+            held = stream
+        if b == last:
+            break
+        # A wrapped layer runs without its wrapper (its ghosts were applied above); a plain one is called
+        # as the model calls it, so accelerate's hooks (if any) onload its weights.
+        runner = inner if ghosts else outer
+        with _onloaded([runner], exec_device, f"decoder layer {b}"):
+            carried: list[torch.Tensor] = []
+            for h_off, calls in zip(stream, calls_per_batch, strict=True):
+                call = calls[b]
+                h = h_off if dispatched else h_off.to(exec_device)
+                if call.hidden_in_args:
+                    out = runner(*call.args[:position], h, *call.args[position + 1 :], **call.kwargs)
+                else:
+                    out = runner(*call.args, **{keyword: h}, **call.kwargs)
+                carried.append(_first_tensor(out).to(offload))
+        stream = carried
     return stats
+
+
+def _describe(boundary: int, num_layers: int) -> str:
+    return "the final norm's input" if boundary == num_layers else f"the input of layer {boundary}"
 
 
 def _accumulate(
@@ -431,20 +487,25 @@ def _accumulate(
     interval: Interval,
     xs: Sequence[torch.Tensor],
     ys: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor],
     device: torch.device,
+    num_layers: int,
 ) -> None:
     start, end = interval
-    for x, y, w in zip(xs, ys, weights, strict=True):
-        keep = w.reshape(-1) > 0
-        rows_x = x.reshape(-1, x.shape[-1])[keep.to(x.device)].to(device)
-        rows_y = y.reshape(-1, y.shape[-1])[keep.to(y.device)].to(device)
+    for x, y, keep in zip(xs, ys, keeps, strict=True):
+        flat = keep.reshape(-1)
+        rows_x = x.reshape(-1, x.shape[-1])[flat.to(x.device)].to(device)
+        rows_y = y.reshape(-1, y.shape[-1])[flat.to(y.device)].to(device)
         try:
             stats.update(rows_x, rows_y)
         except GhostsolveError as err:
-            raise GhostsolveError(f"boundary of removed interval ({start}, {end}): {err}") from err
-    if stats.n_rows == 0:
+            raise GhostsolveError(
+                f"calibration statistics of interval {interval} (from {_describe(start, num_layers)} to "
+                f"{_describe(end, num_layers)}) failed: {err}. If the model runs in fp16, capture in fp32 "
+                "or bf16"
+            ) from err
+    if stats.n_rows <= 0:
         raise GhostsolveError(
-            f"the boundary of removed interval ({start}, {end}) saw no tokens: every position is padding "
-            "or a skipped first token; give longer or unpadded calibration sequences"
+            f"interval {interval} saw no calibration tokens (every position was padding or the skipped "
+            "first token); pass longer or more sequences"
         )
