@@ -1,0 +1,169 @@
+"""Presenting a layer selection: a text table, the JSON report, a PNG score plot, and the CLI's job.
+
+The JSON report (``ghostsolve select --report FILE.json``) is::
+
+    {"strategy": str, "num_drop": int, "scores": [float or null, ...], "selected": [int, ...],
+     "unit": "layer" | "block", "score_name": str, "removes": "lowest" | "highest", "details": {...}}
+
+``selected`` holds the 0-based indices of the layers to remove; ``scores`` is per layer or per block start
+as ``unit`` says (see :mod:`ghostsolve.pipeline.select`); a non-finite score is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.report import write_report
+from ghostsolve.pipeline.select import Batch, Selection, select_layers
+
+__all__ = ["format_selection", "plot_selection", "run_select_command", "write_selection_report"]
+
+
+def _chosen_rows(selection: Selection) -> set[int]:
+    """Rows of the score table that the selection removed (layers, or the chosen block's start)."""
+    if selection.unit == "layer":
+        return set(selection.selected)
+    return {selection.selected[0]}
+
+
+def _row_label(selection: Selection, i: int) -> str:
+    if selection.unit == "layer":
+        return str(i)
+    return f"{i}-{i + selection.num_drop - 1}" if selection.num_drop > 1 else str(i)
+
+
+def format_selection(selection: Selection) -> str:
+    """A plain-text table of the scores with the removed rows marked, then the chosen layers.
+
+    Examples
+    --------
+    >>> from ghostsolve.pipeline.select import Selection
+    >>> s = Selection("block-influence", 1, [0.5, 0.1], [1], "layer", "BI", "lowest")
+    >>> print(format_selection(s))  # doctest: +NORMALIZE_WHITESPACE
+    strategy block-influence: BI (removes the lowest)
+    layer        score  removed
+        0          0.5
+        1          0.1  *
+    remove layers (0-based): [1]
+    """
+    head = "layer" if selection.unit == "layer" else "block"
+    width = max(len(head), *(len(_row_label(selection, i)) for i in range(len(selection.scores))))
+    chosen = _chosen_rows(selection)
+    lines = [
+        f"strategy {selection.strategy}: {selection.score_name} (removes the {selection.removes})",
+        f"{head:<{width}}  {'score':>11}  removed",
+    ]
+    for i, score in enumerate(selection.scores):
+        value = f"{score:11.5g}" if math.isfinite(score) else f"{'-':>11}"
+        mark = "  *" if i in chosen else ""
+        lines.append(f"{_row_label(selection, i):>{width}}  {value}{mark}")
+    lines.append(f"remove layers (0-based): {selection.selected}")
+    return "\n".join(lines)
+
+
+def write_selection_report(selection: Selection, path: str | Path) -> Path:
+    """Write :meth:`Selection.to_report` as JSON, atomically.
+
+    Raises
+    ------
+    GhostsolveError
+        If the parent folder does not exist.
+    """
+    return write_report(selection.to_report(), path)
+
+
+def plot_selection(selection: Selection, path: str | Path, *, title: str | None = None) -> Path:
+    """A PNG bar chart of the scores per layer (or per block start), removed bars highlighted.
+
+    matplotlib is imported lazily and drawn through its Agg canvas, so no global backend is set. The file
+    is written to a temporary name in the same folder and renamed.
+
+    Raises
+    ------
+    GhostsolveError
+        If matplotlib is missing (install ``ghostsolve[model]``) or the folder does not exist.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise GhostsolveError(
+            f"matplotlib is needed for the plot ({exc}); pip install 'ghostsolve[model]'"
+        ) from exc
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise GhostsolveError(
+            f"cannot write the plot to {str(target)!r}: folder {str(target.parent)!r} does not exist"
+        )
+    n = len(selection.scores)
+    chosen = _chosen_rows(selection)
+    values = [s if math.isfinite(s) else 0.0 for s in selection.scores]
+    fig = Figure(figsize=(max(6.0, 0.35 * n + 2.5), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = ["tab:red" if i in chosen else "tab:blue" for i in range(n)]
+    ax.bar(range(n), values, color=colors)
+    for i, score in enumerate(selection.scores):
+        if not math.isfinite(score):
+            ax.annotate("n/a", (i, 0), ha="center", va="bottom", fontsize=7, color="tab:gray")
+    if selection.unit == "layer":
+        ax.set_xlabel("layer (0-based)")
+    else:
+        ax.set_xlabel(f"block start l (removes layers l..l+{selection.num_drop - 1})")
+    ax.set_ylabel(f"{selection.score_name}\n(removes the {selection.removes})", fontsize=8)
+    ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
+    finite = [s for s in selection.scores if math.isfinite(s) and s > 0]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 50 and len(finite) == n:
+        ax.set_yscale("log")
+    ax.set_title(title or f"{selection.strategy}: remove layers {selection.selected}", fontsize=10)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def run_select_command(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    strategy: str,
+    num_drop: int,
+    *,
+    report_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    **options: Any,
+) -> Selection:
+    """What ``ghostsolve select`` does after loading the model and the calibration batches.
+
+    Runs :func:`ghostsolve.pipeline.select.select_layers`, then writes the JSON report and the PNG plot
+    when their paths are given. The caller prints :func:`format_selection` of the result.
+
+    Raises
+    ------
+    GhostsolveError
+        As :func:`select_layers`; or if a report/plot folder does not exist (checked before the selection
+        runs, so a typo does not waste a long calibration pass).
+    """
+    for label, p in (("report", report_path), ("plot", plot_path)):
+        if p is not None and not Path(p).parent.is_dir():
+            raise GhostsolveError(
+                f"cannot write the {label} to {str(p)!r}: folder {str(Path(p).parent)!r} does not exist"
+            )
+    selection = select_layers(model, batches, strategy, num_drop, **options)
+    if report_path is not None:
+        write_selection_report(selection, report_path)
+    if plot_path is not None:
+        plot_selection(selection, plot_path)
+    return selection
