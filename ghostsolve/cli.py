@@ -1,0 +1,905 @@
+"""The ``ghostsolve`` command line: prune, eval, diagnose, demo, convert-llama2c.
+
+Every command prints its results table on stdout, progress bars and log messages on stderr. Errors are a
+single line ``ghostsolve: error: ...`` on stderr with exit status 2 (``--traceback`` shows the full
+traceback instead). ``main(argv)`` runs in-process and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ghostsolve.errors import GhostsolveError
+
+__all__ = ["build_parser", "demo_block_selection", "main", "parse_layers"]
+
+logger = logging.getLogger("ghostsolve.cli")
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEFAULT_DEMO_OUT = "ghostsolve-demo-out"
+DEMO_SAVED_METHOD = "ghost"
+_EXIT_ERROR = 2
+
+# Demo sizes: the bundled model has 256 positions and hidden size 128, so 32 calibration sequences of
+# 256 tokens (8,192 rows for a 128x128 operator) fit every family well, and sampling plus a dozen
+# evaluations stay around a minute on 2 CPU cores.
+DEMO_NUM_CALIB = 32
+DEMO_NUM_EVAL = 32
+DEMO_NUM_DROP = 2
+# Self-sampled evaluation sets when no --eval-text is given (prune/eval).
+DEFAULT_SELF_EVAL = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# argument helpers
+# ---------------------------------------------------------------------------------------------
+def parse_layers(spec: str) -> list[int]:
+    """Parse a layer list: ``"5-7"`` (inclusive: 5, 6, 7), ``"3,9"``, ``"3,5-7"``.
+
+    Raises
+    ------
+    GhostsolveError
+        If a part is not an integer or an ``a-b`` range with ``a <= b``, or a layer appears twice.
+    """
+    layers: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                first, last = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(first), int(last)
+                if lo > hi:
+                    raise GhostsolveError(
+                        f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)"
+                    )
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(part))
+        except ValueError as exc:
+            raise GhostsolveError(
+                f"cannot read layer list {spec!r}: {part!r} is neither an integer nor a range like 5-7"
+            ) from exc
+    if not layers:
+        raise GhostsolveError(f"layer list {spec!r} is empty; give indices such as 5-7 or 3,9")
+    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+    if duplicates:
+        raise GhostsolveError(f"layer list {spec!r} names layers {duplicates} more than once")
+    return layers
+
+
+def _methods(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise GhostsolveError("--recover is empty; give method names such as ghost,identity")
+    duplicates = sorted({m for m in names if names.count(m) > 1})
+    if duplicates:
+        raise GhostsolveError(f"--recover lists {duplicates} more than once")
+    from ghostsolve.pipeline.recover import METHODS
+
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise GhostsolveError(f"unknown recovery method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+# ---------------------------------------------------------------------------------------------
+# shared option groups
+# ---------------------------------------------------------------------------------------------
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="where to run: cpu, cuda, cuda:N, or auto (cuda when available, else cpu). Default: auto",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model weight dtype; auto keeps the checkpoint's dtype. Statistics are fp64 regardless",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive, default=8, help="sequences per forward pass (default: 8)"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed of window selection and self-sampling (default: 0)"
+    )
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    group.add_argument(
+        "--traceback", action="store_true", help="on error, show the full traceback instead of one line"
+    )
+
+
+def _add_calibration(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_argument_group("calibration data")
+    source = group.add_mutually_exclusive_group(required=required)
+    source.add_argument(
+        "--calib-text",
+        nargs="+",
+        metavar="FILE",
+        help="text file(s) for calibration, tokenized once and cut into windows of --seq-len tokens",
+    )
+    source.add_argument(
+        "--calib",
+        choices=["self"],
+        help="'self': data-free calibration on sequences sampled from the dense model itself (seeded)",
+    )
+    group.add_argument(
+        "--num-calib",
+        type=_positive,
+        default=32,
+        help="calibration sequences (windows drawn at random, seeded, from the text; default: 32)",
+    )
+    group.add_argument(
+        "--skip-first-token",
+        action="store_true",
+        help="exclude each window's first token (BOS / attention sink) from the calibration statistics",
+    )
+
+
+def _add_evaluation(parser: argparse.ArgumentParser, *, num_eval_default: int | None) -> None:
+    group = parser.add_argument_group("evaluation data")
+    group.add_argument(
+        "--eval-text",
+        nargs="+",
+        metavar="FILE",
+        help="text file(s) for perplexity: non-overlapping windows of --seq-len tokens, BOS first in each "
+        "window where the tokenizer has one, exp of the mean NLL over all predicted tokens. Without it, "
+        "perplexity is measured on sequences sampled from the dense model (a seed stream disjoint from "
+        "calibration's)",
+    )
+    group.add_argument(
+        "--num-eval",
+        type=_positive,
+        default=num_eval_default,
+        help="evaluation windows: the first N of the text, or N self-sampled sequences (default: "
+        + (
+            f"all windows of the text, {DEFAULT_SELF_EVAL} when self-sampled"
+            if num_eval_default is None
+            else str(num_eval_default)
+        )
+        + ")",
+    )
+    group.add_argument(
+        "--seq-len",
+        type=_positive,
+        default=None,
+        help="tokens per window for calibration and evaluation (default: min(2048, the model's maximum "
+        "positions))",
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", metavar="DIR", help="write the checkpoint here (atomically)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    group.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help="write the JSON report: model, removed, seq_len, dense.perplexity and per method "
+        "perplexity, relative_residual, fit_seconds; saved",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# selection (issue 5) — the selection helper adds the `select` command and `prune --num-drop/--select`
+# here. `prune` puts --drop in the mutually exclusive group passed as `drop_group`; `_resolve_drop`
+# is the one place where a removal set is decided from the arguments.
+# ---------------------------------------------------------------------------------------------
+def _add_selection_commands(subparsers: Any, prune_parser: argparse.ArgumentParser, drop_group: Any) -> None:
+    """Hook for issue 5: add ``select`` to ``subparsers`` and ``--num-drop/--select`` to ``drop_group``."""
+
+
+def _resolve_drop(args: argparse.Namespace, model: Any, batches: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The layers to remove, from ``--drop`` (issue 5 extends this with ``--num-drop/--select``)."""
+    if getattr(args, "drop", None):
+        return parse_layers(args.drop)
+    raise GhostsolveError("no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9")
+
+
+def demo_block_selection(model: Any, batches: Sequence[Mapping[str, Any]], num_drop: int) -> list[int]:
+    """The demo's selection rule: the contiguous block of ``num_drop`` layers whose input and output hidden
+    states are most alike (highest mean cosine similarity over calibration tokens).
+
+    The first layer and the last layer are never chosen (both are known to matter most), and the first
+    token of each window (BOS) is left out of the average. Ties go to the earliest block.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Called with ``output_hidden_states=True``; ``hidden_states[i]`` is the input of layer ``i``.
+    batches : sequence of dict
+        ``input_ids`` ``(b, t)`` and optional ``attention_mask``.
+    num_drop : int
+        Block length, ``1 <= num_drop <= num_layers - 2``.
+
+    Returns
+    -------
+    list of int
+        The sorted indices of the chosen block.
+
+    Raises
+    ------
+    GhostsolveError
+        If ``num_drop`` is out of range.
+    """
+    import torch
+
+    num_layers = int(model.config.num_hidden_layers)
+    if not 1 <= num_drop <= num_layers - 2:
+        raise GhostsolveError(
+            f"--num-drop is {num_drop}; the demo keeps the first and last layer, so it must be in "
+            f"1..{num_layers - 2} for a {num_layers}-layer model"
+        )
+    starts = range(1, num_layers - num_drop)  # block [s, s + n) with s >= 1 and s + n <= L - 1
+    sums = torch.zeros(len(starts), dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            keep = mask.bool().clone()
+            keep[:, 0] = False
+            for j, s in enumerate(starts):
+                cos = torch.nn.functional.cosine_similarity(
+                    hidden[s][keep].double(), hidden[s + num_drop][keep].double(), dim=-1
+                )
+                sums[j] += cos.sum().cpu()
+            count += int(keep.sum())
+    best = int(torch.argmax(sums / max(count, 1)))
+    chosen = list(range(starts[best], starts[best] + num_drop))
+    logger.info("demo selection: block %s (mean cosine %.4f)", chosen, float(sums[best] / max(count, 1)))
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# shared work
+# ---------------------------------------------------------------------------------------------
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GhostsolveError(f"--device {name} was asked but no CUDA device is available; use --device cpu")
+    return name
+
+
+def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ghostsolve.pipeline.checkpoint import load
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load(path, device=_device(args.device), dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise GhostsolveError(f"cannot load a tokenizer from {path!r} ({exc}); the model needs one") from exc
+    return model, tokenizer
+
+
+def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any, seq_len: int) -> Any:
+    from ghostsolve.pipeline import data
+
+    progress = not args.no_progress
+    if args.calib_text:
+        windows = data.text_windows(data.read_texts(args.calib_text), tokenizer, seq_len)
+        return data.select_windows(windows, args.num_calib, seed=args.seed)
+    return data.sample_windows(
+        model,
+        tokenizer,
+        args.num_calib,
+        seq_len,
+        seed=data.self_sampling_seed(args.seed, "calibration"),
+        batch_size=max(args.batch_size, 16),
+        progress=progress,
+        desc="sampling calibration",
+    )
+
+
+def _evaluation_windows(args: argparse.Namespace, model: Any, tokenizer: Any, seq_len: int) -> Any:
+    from ghostsolve.pipeline import data
+
+    if args.eval_text:
+        return data.text_windows(
+            data.read_texts(args.eval_text), tokenizer, seq_len, max_windows=args.num_eval
+        )
+    return data.sample_windows(
+        model,
+        tokenizer,
+        args.num_eval or DEFAULT_SELF_EVAL,
+        seq_len,
+        seed=data.self_sampling_seed(args.seed, "evaluation"),
+        batch_size=max(args.batch_size, 16),
+        progress=not args.no_progress,
+        desc="sampling evaluation",
+    )
+
+
+def _seq_len(args: argparse.Namespace, model: Any) -> int:
+    from ghostsolve.pipeline.evaluate import default_seq_len
+
+    limit = default_seq_len(model)
+    if args.seq_len is None:
+        return limit
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and args.seq_len > max_positions:
+        raise GhostsolveError(
+            f"--seq-len {args.seq_len} exceeds the model's {max_positions} positions; "
+            f"use at most {max_positions}"
+        )
+    return int(args.seq_len)
+
+
+def _mean_residual(values: Any) -> tuple[float | None, dict[str, float | None]]:
+    """Average of per-interval relative residuals (``None`` when the method reports none)."""
+    if values is None:
+        return None, {}
+    items = list(values.items()) if isinstance(values, Mapping) else list(enumerate(values))
+    per: dict[str, float | None] = {}
+    for key, value in items:
+        label = f"{key[0]}-{key[1]}" if isinstance(key, tuple) else str(key)
+        per[label] = None if value is None else float(value)
+    finite = [v for v in per.values() if v is not None]
+    return (sum(finite) / len(finite) if finite else None), per
+
+
+def _run_methods(
+    args: argparse.Namespace,
+    *,
+    model: Any,
+    model_name: str,
+    tokenizer: Any,
+    drop: list[int],
+    methods: list[str],
+    calib_windows: Any,
+    eval_windows: Any,
+    dense_ppl: float,
+    order: str,
+    save_method: str | None,
+    out_dir: Path | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fit every method, evaluate each; returns the RunResult and the recoveries."""
+    from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.evaluate import perplexity
+    from ghostsolve.pipeline.recover import recover_all
+    from ghostsolve.pipeline.report import MethodResult, RunResult
+
+    progress = not args.no_progress
+    batches = batches_from_windows(calib_windows, args.batch_size)
+    recover_kwargs: dict[str, Any] = {"order": order}
+    if args.skip_first_token:
+        recover_kwargs["skip_first_token"] = True
+    t0 = time.perf_counter()
+    recoveries = recover_all(model, drop, batches, methods, **recover_kwargs)
+    logger.info("recovered %d methods in %.1f s", len(methods), time.perf_counter() - t0)
+    results: dict[str, MethodResult] = {}
+    for name in methods:
+        rec = recoveries[name]
+        ppl = perplexity(rec.model, eval_windows, batch_size=args.batch_size, progress=progress, desc=name)
+        mean, per = _mean_residual(getattr(rec, "relative_residuals", None))
+        results[name] = MethodResult(
+            perplexity=ppl.perplexity,
+            relative_residual=mean,
+            fit_seconds=float(getattr(rec, "fit_seconds", 0.0) or 0.0),
+            relative_residuals=per,
+        )
+    run = RunResult(
+        model=model_name,
+        removed=sorted(drop),
+        seq_len=int(eval_windows.shape[1]),
+        dense_perplexity=dense_ppl,
+        methods=results,
+        saved=save_method if out_dir is not None else None,
+    )
+    return run, recoveries
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ghostsolve: %(message)s"))
+    root = logging.getLogger("ghostsolve")
+    root.handlers = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        # The CLI is an application: transformers' per-load bars and advisories would drown the table.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _write_report_and_plot(run: Any, report_path: str | None, extra: Mapping[str, Any]) -> None:
+    from ghostsolve.pipeline.report import build_report, write_report
+
+    run.extra.update(extra)
+    if report_path:
+        write_report(build_report(run), report_path)
+        print(f"report: {report_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.evaluate import perplexity
+
+    methods = _methods(args.recover)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    model, tokenizer = _load_model(args.model, args)
+    seq_len = _seq_len(args, model)
+    calib = _calibration_windows(args, model, tokenizer, seq_len)
+    drop = _resolve_drop(args, model, batches_from_windows(calib, args.batch_size))
+    evalw = _evaluation_windows(args, model, tokenizer, seq_len)
+    dense = perplexity(model, evalw, batch_size=args.batch_size, progress=not args.no_progress, desc="dense")
+    run, recoveries = _run_methods(
+        args,
+        model=model,
+        model_name=args.model,
+        tokenizer=tokenizer,
+        drop=drop,
+        methods=methods,
+        calib_windows=calib,
+        eval_windows=evalw,
+        dense_ppl=dense.perplexity,
+        order=args.order,
+        save_method=methods[0],
+        out_dir=out,
+    )
+    from ghostsolve.pipeline.checkpoint import save
+    from ghostsolve.pipeline.report import format_table, plot_perplexities
+
+    print(format_table(run))
+    if out is not None:
+        save(
+            recoveries[methods[0]],
+            out,
+            overwrite=args.overwrite,
+            tokenizer=tokenizer,
+            original_model=args.model,
+        )
+        print(f"saved {methods[0]}: {out}")
+    if args.plot:
+        plot_perplexities(run, args.plot)
+        print(f"plot: {args.plot}")
+    _write_report_and_plot(run, args.report, _extra(args, calib, evalw, dense))
+    return 0
+
+
+def _extra(args: argparse.Namespace, calib: Any, evalw: Any, dense: Any) -> dict[str, Any]:
+    return {
+        "order": getattr(args, "order", "independent"),
+        "calibration": {
+            "source": "text" if args.calib_text else "self",
+            "files": list(args.calib_text or []),
+            "sequences": int(calib.shape[0]),
+            "seq_len": int(calib.shape[1]),
+        },
+        "evaluation": {
+            "source": "text" if args.eval_text else "self",
+            "files": list(args.eval_text or []),
+            "windows": int(evalw.shape[0]),
+            "predicted_tokens": int(dense.n_tokens),
+        },
+        "seed": int(args.seed),
+    }
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ghostsolve.pipeline.evaluate import lm_eval_tasks, perplexity
+    from ghostsolve.pipeline.report import write_report
+
+    model, tokenizer = _load_model(args.model, args)
+    report: dict[str, Any] = {"model": args.model}
+    if args.tasks:
+        results = lm_eval_tasks(
+            model,
+            tokenizer,
+            [t for t in args.tasks.split(",") if t.strip()],
+            batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            include_path=args.include_path,
+        )
+        report["tasks"] = results
+        for task, metrics in results.items():
+            shown = {
+                k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            print(f"{task}: {json.dumps(shown, sort_keys=True)}")
+    if args.eval_text or not args.tasks:
+        seq_len = _seq_len(args, model)
+        windows = _evaluation_windows(args, model, tokenizer, seq_len)
+        ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.no_progress)
+        report.update(
+            {
+                "seq_len": ppl.seq_len,
+                "perplexity": ppl.perplexity,
+                "nll": ppl.nll,
+                "windows": ppl.n_windows,
+                "predicted_tokens": ppl.n_tokens,
+                "source": "text" if args.eval_text else "self",
+            }
+        )
+        print(
+            f"perplexity {ppl.perplexity:.4f}  (mean NLL {ppl.nll:.5f} over {ppl.n_tokens} tokens, "
+            f"{ppl.n_windows} windows of {ppl.seq_len})"
+        )
+    if args.report:
+        write_report(report, args.report)
+        print(f"report: {args.report}")
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from ghostsolve.pipeline.capture import capture_stats
+    from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.surgery import intervals_of, removal_set
+
+    model, tokenizer = _load_model(args.model, args)
+    seq_len = _seq_len(args, model)
+    calib = _calibration_windows(args, model, tokenizer, seq_len)
+    batches = batches_from_windows(calib, args.batch_size)
+    drop = removal_set(_resolve_drop(args, model, batches), int(model.config.num_hidden_layers))
+    intervals = intervals_of(drop)
+    stats = capture_stats(
+        model, batches, intervals, skip_first_token=args.skip_first_token, progress=not args.no_progress
+    )
+    report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
+    for interval in intervals:
+        text, entry = _diagnose_interval(stats[interval], interval)
+        print(text)
+        report["intervals"][f"{interval[0]}-{interval[1]}"] = entry
+    if args.report:
+        from ghostsolve.pipeline.checkpoint import _jsonable
+        from ghostsolve.pipeline.report import write_report
+
+        write_report(_jsonable(report), args.report)
+        print(f"report: {args.report}")
+    return 0
+
+
+def _diagnose_interval(stats: Any, interval: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+    """Conditioning and the fp32/fp64 solver comparison for one boundary, as text and as data."""
+    import ghostsolve
+    from ghostsolve.pipeline.checkpoint import _jsonable
+
+    lines = [f"boundary {interval[0]}->{interval[1]} (layers {interval[0]}..{interval[1] - 1} removed)"]
+    entry: dict[str, Any] = {}
+    diagnose = getattr(ghostsolve, "diagnose", None)
+    compare = getattr(ghostsolve, "compare_precisions", None)
+    if diagnose is None or compare is None:
+        raise GhostsolveError("this ghostsolve build has no diagnose/compare_precisions in its core")
+    diag = diagnose(stats)
+    entry["conditioning"] = _jsonable(diag)
+    lines.append(_indent(_render(diag)))
+    table = compare(stats)
+    entry["precisions"] = _jsonable(table)
+    lines.append(_indent(_render(table)))
+    return "\n".join(lines), entry
+
+
+def _render(obj: Any) -> str:
+    """Text of a core diagnostics object: its own ``table()``/``__str__`` when it has one."""
+    for name in ("table", "to_text", "format"):
+        method = getattr(obj, name, None)
+        if callable(method):
+            try:
+                return str(method())
+            except TypeError:
+                continue
+    return str(obj)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ghostsolve.pipeline.checkpoint import atomic_directory, save
+    from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.evaluate import perplexity
+    from ghostsolve.pipeline.recover import METHODS
+    from ghostsolve.pipeline.report import build_report, format_table, plot_perplexities, write_report
+
+    start = time.perf_counter()
+    model_dir = Path(args.model) if args.model else DEMO_MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise GhostsolveError(
+            f"the demo model is missing ({model_dir} has no config.json); reinstall ghostsolve, or run "
+            "scripts/train_demo_model.py in a source checkout"
+        )
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    methods = _methods(args.recover) if args.recover else list(METHODS)
+    if DEMO_SAVED_METHOD not in methods:
+        raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")
+    model, tokenizer = _load_model(str(model_dir), args)
+    seq_len = _seq_len(args, model)
+    calib = _calibration_windows(args, model, tokenizer, seq_len)
+    evalw = _evaluation_windows(args, model, tokenizer, seq_len)
+    if args.drop:
+        drop = parse_layers(args.drop)
+        rule = "given by --drop"
+    else:
+        drop = demo_block_selection(model, batches_from_windows(calib, args.batch_size), args.num_drop)
+        rule = f"contiguous block of {args.num_drop} with the most similar input and output (cosine)"
+    progress = not args.no_progress
+    dense = perplexity(model, evalw, batch_size=args.batch_size, progress=progress, desc="dense")
+    run, recoveries = _run_methods(
+        args,
+        model=model,
+        model_name="ghostsolve-demo",
+        tokenizer=tokenizer,
+        drop=drop,
+        methods=methods,
+        calib_windows=calib,
+        eval_windows=evalw,
+        dense_ppl=dense.perplexity,
+        order=args.order,
+        save_method=DEMO_SAVED_METHOD,
+        out_dir=out,
+    )
+    run.extra.update(_extra(args, calib, evalw, dense))
+    run.extra["selection"] = rule
+    run.extra["demo_model"] = str(model_dir)
+    run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
+    print(format_table(run))
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        save(
+            recoveries[DEMO_SAVED_METHOD],
+            tmp / "model",
+            tokenizer=tokenizer,
+            original_model="ghostsolve-demo",
+            extra={"selection": rule},
+        )
+        plot_perplexities(run, tmp / "perplexity.png")
+        run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
+        report = build_report(run)
+        write_report(report, tmp / "report.json")
+    if args.report:
+        write_report(report, args.report)
+    print(f"checkpoint ({DEMO_SAVED_METHOD}): {out / 'model'}")
+    print(f"plot: {out / 'perplexity.png'}")
+    print(f"report: {args.report or out / 'report.json'}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
+    from ghostsolve.pipeline.convert_llama2c import convert_llama2c
+
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.out, overwrite=args.overwrite)
+    print(f"converted: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ghostsolve`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="ghostsolve",
+        description="Remove decoder layers from a causal language model and recover it with closed-form "
+        "linear operators fitted on a small calibration set.",
+        epilog="Start with `ghostsolve demo`: it runs the whole job on a bundled model in about a minute.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    prune = sub.add_parser(
+        "prune",
+        help="remove layers, fit recoveries, evaluate each, save the first",
+        description="Remove decoder layers from MODEL, fit every requested recovery on calibration data "
+        "(one capture pass), evaluate each by perplexity, print the table, and save the first method "
+        "listed in --recover to --out.",
+    )
+    prune.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    drop_group = prune.add_mutually_exclusive_group(required=False)
+    drop_group.add_argument(
+        "--drop",
+        metavar="LAYERS",
+        help="0-based layers to remove: 5-7 (both ends included), 3,9 or 3,5-7",
+    )
+    prune.add_argument(
+        "--recover",
+        default="ghost,identity",
+        metavar="METHODS",
+        help="comma-separated recovery methods, the first is saved (default: ghost,identity; identity is "
+        "plain pruning)",
+    )
+    prune.add_argument(
+        "--order",
+        choices=["independent", "sequential"],
+        default="independent",
+        help="for several removed intervals: fit each on the dense model's activations (independent) or "
+        "on the already recovered model's (sequential)",
+    )
+    prune.add_argument("--plot", metavar="FILE.png", help="also write a bar plot of perplexity per method")
+    _add_calibration(prune, required=True)
+    _add_evaluation(prune, num_eval_default=None)
+    _add_output(prune)
+    _add_runtime(prune)
+    prune.set_defaults(func=_cmd_prune)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity (and lm-eval tasks) of a model or checkpoint",
+        description="Measure the perplexity of MODEL_OR_DIR (a Hugging Face model or a ghostsolve "
+        "checkpoint) and optionally run lm-evaluation-harness tasks on it in memory.",
+    )
+    ev.add_argument("model", metavar="MODEL_OR_DIR", help="model directory, ghostsolve checkpoint or hub id")
+    ev.add_argument(
+        "--tasks",
+        metavar="TASKS",
+        help="comma-separated lm-eval tasks (e.g. arc_easy,hellaswag); needs pip install 'ghostsolve[eval]'",
+    )
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples")
+    ev.add_argument("--limit", type=float, default=None, help="lm-eval examples per task (quick runs)")
+    ev.add_argument("--include-path", metavar="DIR", help="folder of extra (local) lm-eval task YAML files")
+    ev.add_argument("--report", metavar="FILE.json", help="write the results as JSON")
+    _add_evaluation(ev, num_eval_default=None)
+    _add_runtime(ev)
+    ev.set_defaults(func=_cmd_eval, calib_text=None)
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="conditioning and fp32/fp64 solver stability per removed boundary",
+        description="Capture the boundary statistics of the removal set and print, per boundary, the "
+        "conditioning of the calibration activations and the fp32-versus-fp64 solver comparison.",
+    )
+    diag.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    diag_drop = diag.add_mutually_exclusive_group(required=True)
+    diag_drop.add_argument("--drop", metavar="LAYERS", help="layers to remove: 5-7, 3,9 or 3,5-7")
+    diag.add_argument("--report", metavar="FILE.json", help="write the diagnostics as JSON")
+    diag.add_argument(
+        "--seq-len", type=_positive, default=None, help="tokens per calibration window (default: model's)"
+    )
+    _add_calibration(diag, required=True)
+    _add_runtime(diag)
+    diag.set_defaults(func=_cmd_diagnose)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole job on the bundled demo model (about a minute on 2 CPU cores)",
+        description="Load the bundled demo model (a 12-layer Llama trained on Shakespeare), sample "
+        "calibration and evaluation text from it (seeded, disjoint) unless --calib-text/--eval-text are "
+        "given, remove a block of layers chosen by a selection rule, run every recovery method, print "
+        "the table, and write the plot, the report and the ghost-recovered checkpoint to --out.",
+    )
+    demo.add_argument(
+        "--out",
+        default=DEFAULT_DEMO_OUT,
+        metavar="DIR",
+        help=f"output folder (default: ./{DEFAULT_DEMO_OUT})",
+    )
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    demo.add_argument("--report", metavar="FILE.json", help="also write the JSON report here")
+    demo.add_argument(
+        "--num-drop",
+        type=_positive,
+        default=DEMO_NUM_DROP,
+        help=f"layers to remove, chosen by the demo's selection rule (default: {DEMO_NUM_DROP})",
+    )
+    demo.add_argument("--drop", metavar="LAYERS", help="remove these layers instead of selecting (e.g. 5-6)")
+    demo.add_argument(
+        "--recover",
+        default=None,
+        metavar="METHODS",
+        help="comma-separated methods to run (default: every method; must include ghost)",
+    )
+    demo.add_argument(
+        "--order", choices=["independent", "sequential"], default="independent", help="fitting order"
+    )
+    demo.add_argument("--model", help=argparse.SUPPRESS)  # another demo-sized model, for tests
+    source = demo.add_argument_group("data").add_mutually_exclusive_group()
+    source.add_argument(
+        "--calib-text", nargs="+", metavar="FILE", help="calibrate on text instead of samples"
+    )
+    source.add_argument("--calib", choices=["self"], help="self-sampled calibration (the default)")
+    demo.add_argument(
+        "--num-calib",
+        type=_positive,
+        default=DEMO_NUM_CALIB,
+        help=f"calibration sequences (default: {DEMO_NUM_CALIB})",
+    )
+    demo.add_argument(
+        "--skip-first-token", action="store_true", help="exclude the BOS position from the statistics"
+    )
+    _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL)
+    _add_runtime(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    conv = sub.add_parser(
+        "convert-llama2c",
+        help="convert a llama2.c checkpoint and tokenizer to a Hugging Face Llama directory",
+        description="Convert a llama2.c checkpoint (.bin) and its tokenizer (.bin) into a Hugging Face "
+        "Llama model directory with a fast tokenizer.",
+    )
+    conv.add_argument("checkpoint", metavar="CHECKPOINT", help="llama2.c model file, e.g. stories260K.bin")
+    conv.add_argument("tokenizer", metavar="TOKENIZER", help="llama2.c tokenizer file, e.g. tok512.bin")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    conv.add_argument("--traceback", action="store_true", help="on error, show the full traceback")
+    conv.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    conv.set_defaults(func=_cmd_convert_llama2c)
+
+    _add_selection_commands(sub, prune, drop_group)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ghostsolve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, GhostsolveError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ghostsolve`` command line; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed by argparse)
+        return int(exc.code) if isinstance(exc.code, int) else _EXIT_ERROR
+    _configure_logging(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("ghostsolve: interrupted", file=sys.stderr)
+        return 130
+    except (GhostsolveError, OSError, ValueError, RuntimeError, ImportError) as exc:
+        if getattr(args, "traceback", False) or os.environ.get("GHOSTSOLVE_TRACEBACK"):
+            raise
+        print(f"ghostsolve: error: {_one_line(exc)}", file=sys.stderr)
+        return _EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
