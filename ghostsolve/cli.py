@@ -297,7 +297,8 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load(path, device=_device(args.device), dtype=dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # A ghosted checkpoint's config names remote code for the *model*; the tokenizer needs none.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise GhostsolveError(f"cannot load a tokenizer from {path!r} ({exc}); the model needs one") from exc
     return model, tokenizer
@@ -374,41 +375,50 @@ def _run_methods(
     *,
     model: Any,
     model_name: str,
-    tokenizer: Any,
     drop: list[int],
     methods: list[str],
     calib_windows: Any,
     eval_windows: Any,
     dense_ppl: float,
-    order: str,
     save_method: str | None,
     out_dir: Path | None,
-) -> tuple[Any, dict[str, Any]]:
-    """Fit every method, evaluate each; returns the RunResult and the recoveries."""
+) -> tuple[Any, Any]:
+    """Fit every method from one shared capture and evaluate each, holding one recovered model at a time.
+
+    Returns the :class:`~ghostsolve.pipeline.report.RunResult` and the Recovery of ``save_method`` (None
+    when it is not among ``methods``).
+    """
     from ghostsolve.pipeline.data import batches_from_windows
     from ghostsolve.pipeline.evaluate import perplexity
-    from ghostsolve.pipeline.recover import recover_all
+    from ghostsolve.pipeline.recover import iter_recoveries
     from ghostsolve.pipeline.report import MethodResult, RunResult
 
     progress = not args.no_progress
     batches = batches_from_windows(calib_windows, args.batch_size)
-    recover_kwargs: dict[str, Any] = {"order": order}
-    if args.skip_first_token:
-        recover_kwargs["skip_first_token"] = True
-    t0 = time.perf_counter()
-    recoveries = recover_all(model, drop, batches, methods, **recover_kwargs)
-    logger.info("recovered %d methods in %.1f s", len(methods), time.perf_counter() - t0)
     results: dict[str, MethodResult] = {}
-    for name in methods:
-        rec = recoveries[name]
+    kept = None
+    t0 = time.perf_counter()
+    for name, rec in iter_recoveries(
+        model,
+        drop,
+        batches,
+        methods,
+        order=args.order,
+        skip_first_token=args.skip_first_token,
+        progress=progress,
+    ):
         ppl = perplexity(rec.model, eval_windows, batch_size=args.batch_size, progress=progress, desc=name)
-        mean, per = _mean_residual(getattr(rec, "relative_residuals", None))
+        mean, per = _mean_residual(rec.relative_residuals)
         results[name] = MethodResult(
             perplexity=ppl.perplexity,
             relative_residual=mean,
-            fit_seconds=float(getattr(rec, "fit_seconds", 0.0) or 0.0),
+            fit_seconds=float(rec.fit_seconds),
             relative_residuals=per,
         )
+        logger.info("%s: perplexity %.4f, relative residual %s", name, ppl.perplexity, mean)
+        if name == save_method:
+            kept = rec
+    logger.info("recovered and evaluated %d methods in %.1f s", len(methods), time.perf_counter() - t0)
     run = RunResult(
         model=model_name,
         removed=sorted(drop),
@@ -417,7 +427,7 @@ def _run_methods(
         methods=results,
         saved=save_method if out_dir is not None else None,
     )
-    return run, recoveries
+    return run, kept
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -464,17 +474,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     drop = _resolve_drop(args, model, batches_from_windows(calib, args.batch_size))
     evalw = _evaluation_windows(args, model, tokenizer, seq_len)
     dense = perplexity(model, evalw, batch_size=args.batch_size, progress=not args.no_progress, desc="dense")
-    run, recoveries = _run_methods(
+    run, saved = _run_methods(
         args,
         model=model,
         model_name=args.model,
-        tokenizer=tokenizer,
         drop=drop,
         methods=methods,
         calib_windows=calib,
         eval_windows=evalw,
         dense_ppl=dense.perplexity,
-        order=args.order,
         save_method=methods[0],
         out_dir=out,
     )
@@ -484,7 +492,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(format_table(run))
     if out is not None:
         save(
-            recoveries[methods[0]],
+            saved,
             out,
             overwrite=args.overwrite,
             tokenizer=tokenizer,
@@ -661,17 +669,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rule = f"contiguous block of {args.num_drop} with the most similar input and output (cosine)"
     progress = not args.no_progress
     dense = perplexity(model, evalw, batch_size=args.batch_size, progress=progress, desc="dense")
-    run, recoveries = _run_methods(
+    run, saved = _run_methods(
         args,
         model=model,
         model_name="ghostsolve-demo",
-        tokenizer=tokenizer,
         drop=drop,
         methods=methods,
         calib_windows=calib,
         eval_windows=evalw,
         dense_ppl=dense.perplexity,
-        order=args.order,
         save_method=DEMO_SAVED_METHOD,
         out_dir=out,
     )
@@ -682,7 +688,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(run))
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         save(
-            recoveries[DEMO_SAVED_METHOD],
+            saved,
             tmp / "model",
             tokenizer=tokenizer,
             original_model="ghostsolve-demo",

@@ -15,6 +15,7 @@ Both produce a ``(n_windows, seq_len)`` ``torch.long`` tensor of token ids, turn
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -298,7 +299,8 @@ def sample_windows(
     Parameters
     ----------
     model : transformers causal LM
-        Called as ``model(input_ids=..., past_key_values=..., use_cache=True)``; left in its train/eval mode.
+        Called as ``model(input_ids=..., use_cache=True, cache=...)`` (``past_key_values=`` before
+        transformers 5.2x); left in its train/eval mode.
     tokenizer : transformers tokenizer
     n_sequences : int
         Number of sequences.
@@ -340,6 +342,8 @@ def sample_windows(
         )
     start = _start_token(tokenizer)
     device = next(model.parameters()).device
+    # transformers 5.2x renamed the KV-cache argument and output from past_key_values to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generator = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -353,8 +357,8 @@ def sample_windows(
                 step_input = tokens.to(device)
                 past = None
                 for _ in range(seq_len - 1):
-                    result = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                    past = result.past_key_values
+                    result = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
+                    past = getattr(result, cache_arg)
                     logits = result.logits[:, -1, :].float().cpu() / temperature
                     probs = torch.softmax(logits, dim=-1)
                     nxt = torch.multinomial(probs, 1, generator=generator)

@@ -37,8 +37,9 @@ class MethodResult:
     ----------
     perplexity : float
     relative_residual : float or None
-        Boundary relative residual ``||Y - X W||² / ||Y||²`` on the calibration set, averaged over removed
-        intervals; ``None`` where the method has no boundary operator to measure.
+        Boundary residual the method leaves on the calibration tokens relative to plain pruning's,
+        ``||X W - Y||² / ||X - Y||²`` (1 for ``identity``), averaged over removed intervals; ``None`` where
+        the method reports none.
     fit_seconds : float
         Wall time of the fit (capture excluded when shared).
     relative_residuals : dict
