@@ -148,9 +148,8 @@ def init_distributed(
         return DistributedContext(dist.get_rank(), dist.get_world_size(), local, used, device, False)
 
     if "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
-            torch.device("cpu")
-        )
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         return DistributedContext(0, 1, 0, None, device, False)
 
     world_size = _env_int("WORLD_SIZE")
@@ -285,10 +284,14 @@ def _signature(stats_by_interval: Mapping[Interval, _SummedStats]) -> list[Any]:
     """What must agree across ranks before summing: intervals, buffer names, shapes and dtypes."""
     sig: list[Any] = []
     for interval in sorted(stats_by_interval):
-        tensors = stats_by_interval[interval].tensors()
-        sig.append(
-            (tuple(interval), [(name, tuple(t.shape), str(t.dtype)) for name, t in sorted(tensors.items())])
-        )
+        stats = stats_by_interval[interval]
+        tensors = stats.tensors()
+        buffers = [(name, tuple(t.shape), str(t.dtype)) for name, t in sorted(tensors.items())]
+        r_factor = getattr(stats, "r_factor", None)
+        if r_factor is not None:
+            # Its row count differs between ranks; only its width and dtype must agree.
+            buffers.append(("r_factor", (-1, int(r_factor.shape[-1])), str(r_factor.dtype)))
+        sig.append((tuple(interval), buffers))
     return sig
 
 
@@ -296,6 +299,7 @@ def _describe(sig: list[Any]) -> str:
     parts = []
     for interval, buffers in sig:
         shapes = ", ".join(f"{n}{list(s)} {d.removeprefix('torch.')}" for n, s, d in buffers)
+        shapes = shapes.replace("[-1, ", "[k, ")
         parts.append(f"{interval}: {shapes}")
     return "; ".join(parts) if parts else "no intervals"
 
@@ -368,7 +372,30 @@ def all_reduce_stats(
                 staged = tensor.to(comm_device).contiguous()
                 dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
                 tensor.copy_(staged)
+        stats = stats_by_interval[interval]
+        r_factor = getattr(stats, "r_factor", None)
+        if r_factor is not None:
+            stats.r_factor = _combine_r_factors(r_factor, comm_device, world, group)  # type: ignore[attr-defined]
     return stats_by_interval
+
+
+def _combine_r_factors(
+    r_factor: torch.Tensor, comm_device: torch.device, world: int, group: Any
+) -> torch.Tensor:
+    """The TSQR factor of all ranks' rows: ``R`` of the stacked per-rank factors, in rank order.
+
+    A factor is not a sum, so it cannot be all-reduced. Each rank's ``(k, 2d)`` factor is zero-padded to
+    ``(2d, 2d)`` (zero rows change neither ``RᵀR`` nor the span) so that a plain ``all_gather`` carries it;
+    every rank then factors the same stack in the same order and gets the same ``R``.
+    """
+    width = int(r_factor.shape[-1])
+    padded = torch.zeros(width, width, dtype=r_factor.dtype, device=comm_device)
+    padded[: r_factor.shape[0]] = r_factor.to(comm_device)
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded, group=group)
+    stacked = torch.cat(pieces, dim=0).to(r_factor.device)
+    combined = torch.linalg.qr(stacked, mode="r").R
+    return combined[: min(stacked.shape)].contiguous()
 
 
 def run_on_main(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
