@@ -32,7 +32,17 @@ from ghostsolve.pipeline.distributed import (  # noqa: E402
     shard_batches,
 )
 from ghostsolve.pipeline.offload import capture_stats_layerwise  # noqa: E402
-from tests.scale.scale_case import INTERVALS, build_recovered, case_batches, case_model  # noqa: E402
+from tests.scale.scale_case import (  # noqa: E402
+    INTERVALS,
+    build_recovered,
+    case_batches,
+    case_model,
+    qr_case_stats,
+)
+
+
+def _gram(r: torch.Tensor) -> torch.Tensor:
+    return r.T @ r
 
 
 def _save_checkpoint(out: Path, fits: dict[Any, Any]) -> Path:
@@ -75,6 +85,11 @@ def main() -> None:
         result["layerwise_weights"] = {
             iv: ghostsolve.fit(s, family="full").weight for iv, s in layerwise.items()
         }
+
+        # TSQR factors are not sums: all_reduce_stats gathers and re-factors them.
+        qr_stats = {(0, 1): qr_case_stats(ctx.rank, ctx.world_size)}
+        all_reduce_stats(qr_stats)
+        result["qr_gram"] = _gram(qr_stats[(0, 1)].r_factor)
 
         saved = run_on_main(_save_checkpoint, out, fits)
         result["saved"] = None if saved is None else str(saved)

@@ -34,3 +34,19 @@ def build_recovered(model: Any, fits: dict[tuple[int, int], Any]) -> Any:
         at: Any = "final_norm" if end == num_layers else kept_before
         insert_ghost(model, at, GhostOperator(fit.delta.to(torch.float32)))
     return model
+
+
+def qr_case_rows(n_shards: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows ``(X, Y)`` (``(40, 6)`` fp64 each) split into ``n_shards`` consecutive pieces."""
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    Y = X @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    return list(zip(X.chunk(n_shards), Y.chunk(n_shards), strict=True))
+
+
+def qr_case_stats(rank: int, world_size: int) -> Any:
+    """``Stats(qr=True)`` of this rank's piece of :func:`qr_case_rows`."""
+    import ghostsolve
+
+    X, Y = qr_case_rows(world_size)[rank]
+    return ghostsolve.Stats(6, qr=True).update(X, Y)

@@ -247,6 +247,39 @@ def test_checkpoint_is_written_once_by_rank_0(torchrun_results: dict) -> None:
 
 
 @pytest.mark.slow
+def test_saved_checkpoint_holds_the_all_reduced_operators(
+    torchrun_results: dict, single_process_reference: dict
+) -> None:
+    pytest.importorskip("ghostsolve.pipeline.checkpoint")
+    from ghostsolve.pipeline.surgery import ghost_layout
+
+    model = ghostsolve.load(torchrun_results[-1]["out"] / "checkpoint")
+    deltas = sorted(
+        (name, p.detach()) for name, p in model.named_parameters() if name.endswith("ghost.delta")
+    )
+    assert len(deltas) == len(single_process_reference["weights"]) == len(ghost_layout(model))
+    # Interval (1, 2) sits before layer 1 of the pruned model; (3, 4) before the final norm.
+    by_place = {"layers": deltas[0][1], "norm": deltas[1][1]}
+    assert "layers" in deltas[0][0] and "norm" in deltas[1][0]
+    for (iv, place) in (((1, 2), "layers"), ((3, 4), "norm")):
+        expected = single_process_reference["weights"][iv] - torch.eye(32, dtype=torch.float64)
+        # Stored in fp32: compare at fp32 resolution.
+        assert _rel(by_place[place].double(), expected) <= 1e-6
+
+
+@pytest.mark.slow
+def test_tsqr_factors_are_combined_not_summed(torchrun_results: dict) -> None:
+    from tests.scale.scale_case import qr_case_rows
+
+    (X, Y), = qr_case_rows(1)
+    Z = torch.cat([X, Y - X], dim=1)
+    expected = Z.T @ Z
+    for rank in (0, 1):
+        assert _rel(torchrun_results[rank]["qr_gram"], expected) <= 1e-12
+    assert torch.equal(torchrun_results[0]["qr_gram"], torchrun_results[1]["qr_gram"])
+
+
+@pytest.mark.slow
 def test_ranks_that_disagree_all_raise(torchrun_results: dict) -> None:
     for rank in (0, 1):
         message = torchrun_results[rank].get("mismatch_error", "")
