@@ -1,0 +1,256 @@
+"""Checkpoints: round trips of both kinds, remote code, atomic writes and loud failures."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import ghostsolve
+from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.checkpoint import MODELING_FILE, atomic_directory, checkpoint_info, load, save
+from ghostsolve.pipeline.data import batches_from_windows, text_windows
+from ghostsolve.pipeline.recover import recover
+from ghostsolve.pipeline.surgery import GhostedLayer, GhostedNorm
+from tests.pipeline._tiny import TEXT, tiny_llama, tiny_tokenizer
+
+IDS = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batches(tok):
+    return batches_from_windows(text_windows(TEXT * 4, tok, 16), 8)
+
+
+def _logits(model, ids=IDS):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def ghost_recovery(tok, batches):
+    # Two intervals: one in the middle (a GhostedLayer) and one reaching the end (a GhostedNorm).
+    model = tiny_llama(len(tok), layers=6)
+    return recover(model, [1, 2, 5], batches, method="ghost", progress=False)
+
+
+def test_ghosted_round_trip_is_bit_identical(tmp_path, ghost_recovery, tok):
+    out = save(ghost_recovery, tmp_path / "ckpt", tokenizer=tok, original_model="tiny-llama")
+    expected = _logits(ghost_recovery.model)
+
+    loaded = ghostsolve.load(out)
+    assert type(loaded) is type(ghost_recovery.model)
+    assert isinstance(loaded.model.layers[1], GhostedLayer)
+    assert isinstance(loaded.model.norm, GhostedNorm)
+    assert torch.equal(_logits(loaded), expected)
+
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(remote).__name__ == "GhostsolveForCausalLM"
+    assert torch.equal(_logits(remote), expected)
+    assert (out / MODELING_FILE).is_file()
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+def test_config_records_the_run(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt", original_model="tiny-llama")
+    info = checkpoint_info(out)
+    assert info is not None
+    assert info["original_model"] == "tiny-llama"
+    assert info["removed"] == [1, 2, 5]
+    assert info["intervals"] == [[1, 3], [5, 6]]
+    assert info["method"] == "ghost"
+    assert info["original_num_layers"] == 6
+    assert info["checkpoint_kind"] == "ghosted"
+    assert info["ghost_layout"] == [{"insert_at": 1, "dim": 32}, {"insert_at": "final_norm", "dim": 32}]
+    assert len(info["fits"]) == 2 and all(f["family"] == "full" for f in info["fits"])
+    assert all(0 <= f["relative_residual"] <= 1 for f in info["fits"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "ghostsolve_llama"
+    assert config["num_hidden_layers"] == 3
+
+
+def test_remote_code_is_self_contained(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt")
+    tree = ast.parse((out / MODELING_FILE).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= {"__future__", "typing", "torch", "transformers"}
+    # Load in a fresh interpreter where `import ghostsolve` fails, as for a user without ghostsolve.
+    torch.save(_logits(ghost_recovery.model), tmp_path / "expected.pt")
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["ghostsolve"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).logits
+        assert torch.equal(logits, torch.load({str(tmp_path / "expected.pt")!r})), "logits differ"
+        print("remote-ok")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert "remote-ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["identity", "prune-comp", "replaceme"])
+def test_folded_methods_save_plain_checkpoints(tmp_path, tok, batches, method):
+    model = tiny_llama(len(tok), layers=6)
+    rec = recover(model, [2, 3], batches, method=method, progress=False)
+    out = save(rec, tmp_path / method)
+    assert not (out / MODELING_FILE).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config
+    assert config["model_type"] == "llama"
+    assert config["ghostsolve"]["method"] == method
+    assert config["ghostsolve"]["checkpoint_kind"] == "plain"
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no custom code needed
+    assert torch.equal(_logits(plain), _logits(rec.model))
+    assert torch.equal(_logits(load(out)), _logits(rec.model))
+
+
+def test_a_loaded_checkpoint_saves_again_identically(tmp_path, ghost_recovery):
+    first = save(ghost_recovery, tmp_path / "a", original_model="tiny-llama")
+    second = save(load(first), tmp_path / "b")
+    assert checkpoint_info(second)["original_model"] == "tiny-llama"
+    assert checkpoint_info(second)["removed"] == [1, 2, 5]
+    assert torch.equal(_logits(load(second)), _logits(ghost_recovery.model))
+
+
+# ---------------------------------------------------------------------------------------------
+# overwrite and atomicity
+# ---------------------------------------------------------------------------------------------
+def test_existing_output_is_refused_without_overwrite(tmp_path, ghost_recovery):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(GhostsolveError, match="already exists; choose another --out or pass --overwrite"):
+        save(ghost_recovery, out)
+    assert (out / "keep.txt").read_text() == "old"
+    save(ghost_recovery, out, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GhostsolveError, match="is not a directory"):
+        save(ghost_recovery, tmp_path / "file", overwrite=True)
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, ghost_recovery, monkeypatch):
+    model = ghost_recovery.model
+    original = type(model).save_pretrained
+
+    def broken(self, path, **kw):
+        original(self, path, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save(ghost_recovery, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+    # With overwrite, the previous checkpoint survives a failed save untouched.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        save(ghost_recovery, old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert (old / "config.json").read_text() == "{}"
+
+
+def test_atomic_directory_renames_only_on_success(tmp_path):
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("1")
+        assert not (tmp_path / "d").exists()
+    assert (tmp_path / "d" / "x").read_text() == "1"
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(tmp_path / "e") as tmp:
+        (tmp / "x").write_text("1")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# ---------------------------------------------------------------------------------------------
+# loud failures at load
+# ---------------------------------------------------------------------------------------------
+def _rewrite_weights(out, change):
+    weights = load_file(out / "model.safetensors")
+    change(weights)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_operator_weight_fails_loudly(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt")
+    _rewrite_weights(out, lambda w: w.pop("model.layers.1.ghost.delta"))
+    with pytest.raises(GhostsolveError, match=r"missing weights \['model.layers.1.ghost.delta'\]"):
+        load(out)
+    with pytest.raises(ValueError, match="does not load exactly"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def test_mis_shaped_operator_weight_fails_loudly(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt")
+    _rewrite_weights(out, lambda w: w.__setitem__("model.norm.ghost.delta", torch.zeros(16, 16)))
+    with pytest.raises(GhostsolveError, match="cannot load the ghosted checkpoint"):
+        load(out)
+    with pytest.raises((ValueError, RuntimeError), match=r"mismatched|ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def test_operator_weights_without_a_layout_fail_loudly(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    config["ghostsolve"]["ghost_layout"] = []
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GhostsolveError, match="no ghost layout"):
+        load(out)
+    config["model_type"] = "llama"
+    del config["auto_map"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GhostsolveError, match="unexpected weights"):
+        load(out)
+
+
+def test_loading_a_ghosted_checkpoint_without_remote_code_is_refused(tmp_path, ghost_recovery):
+    out = save(ghost_recovery, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(GhostsolveError, match=r"has no config\.json"):
+        load(tmp_path)
+    (tmp_path / "f.bin").write_bytes(b"")
+    with pytest.raises(GhostsolveError, match="is a file"):
+        load(tmp_path / "f.bin")
+
+
+def test_save_rejects_other_objects(tmp_path):
+    with pytest.raises(GhostsolveError, match="needs a Recovery or a transformers model"):
+        save(torch.nn.Linear(2, 2), tmp_path / "x")
