@@ -397,10 +397,19 @@ def _capture_dense(
 
     def on_boundary(b: int, h: torch.Tensor) -> None:
         w = current["weights"]
+        for key in (*ends.get(b, ()), *mlp_ends.get(b, ())):
+            if key[0] not in stash:
+                raise GhostsolveError(
+                    f"the capture hooks for {_describe(key[0], num_layers)} never fired before "
+                    f"{_describe(b, num_layers)}; the model's forward does not run its decoder layers as the "
+                    f"{adapter.family} adapter expects ({adapter.layers_path})"
+                )
         for key in ends.get(b, ()):
             table.update(key, stash[key[0]], h, w)
         for key in mlp_ends.get(b, ()):
             s = key[0]
+            if s - 1 not in mlp_stash:
+                raise GhostsolveError(f"the capture hook on the MLP output of layer {s - 1} never fired")
             m = mlp_stash[s - 1]
             target = (h - stash[s].to(h.device)) + m.to(h.device)
             mlp_table.update(key, m, target, w, what=" (ReplaceMe MLP output)")
