@@ -135,7 +135,8 @@ def _onloaded(modules: Sequence[nn.Module], device: torch.device, what: str) -> 
     moved: list[tuple[nn.Module, torch.device]] = []
     try:
         for module in modules:
-            if _has_accelerate_hook(module):
+            # accelerate's hooks (on the module or, with cpu_offload, on its leaves) place the weights.
+            if any(_has_accelerate_hook(m) for m in module.modules()):
                 continue
             home = _single_device(module, what)
             if home is None or home == device:
