@@ -730,7 +730,15 @@ def _run_recoverable_ppl(
     shortlist = _argsort(residuals)[:top_k]
     scores = [math.nan] * len(residuals)
     for start in tqdm(shortlist, desc="recoverable-ppl: ghost recovery", leave=False, disable=None):
-        recovery = recover(ctx.model, _block(start, num_drop), ctx.batches, method="ghost")
+        recovery = recover(
+            ctx.model,
+            _block(start, num_drop),
+            ctx.batches,
+            method="ghost",
+            ridge=ridge,
+            skip_first_token=skip_first_token,
+            progress=False,
+        )
         scores[start] = _ppl(_calibration_nll(recovery.model, ctx.batches))
         del recovery
     best = min(shortlist, key=lambda s: (scores[s], s))
