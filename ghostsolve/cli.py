@@ -584,12 +584,14 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     batches = batches_from_windows(calib, args.batch_size)
     drop = removal_set(_resolve_drop(args, model, batches), int(model.config.num_hidden_layers))
     intervals = intervals_of(drop)
+    progress = not args.no_progress
     stats = capture_stats(
-        model, batches, intervals, skip_first_token=args.skip_first_token, progress=not args.no_progress
+        model, batches, intervals, skip_first_token=args.skip_first_token, progress=progress
     )
+    rows = _boundary_rows(model, batches, intervals, args.max_rows, args.skip_first_token)
     report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
     for interval in intervals:
-        text, entry = _diagnose_interval(stats[interval], interval)
+        text, entry = _diagnose_interval(stats[interval], *rows[interval], interval)
         print(text)
         report["intervals"][f"{interval[0]}-{interval[1]}"] = entry
     if args.report:
@@ -601,36 +603,84 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diagnose_interval(stats: Any, interval: tuple[int, int]) -> tuple[str, dict[str, Any]]:
-    """Conditioning and the fp32/fp64 solver comparison for one boundary, as text and as data."""
-    import ghostsolve
+def _boundary_rows(
+    model: Any,
+    batches: Sequence[Mapping[str, Any]],
+    intervals: Sequence[tuple[int, int]],
+    max_rows: int,
+    skip_first_token: bool,
+) -> dict[tuple[int, int], tuple[Any, Any]]:
+    """Raw boundary rows ``X`` (input of layer ``start``) and ``Y`` (input of layer ``end`` or of the final
+    norm), each ``(n, d)`` float64 on CPU, at most ``max_rows`` unmasked tokens: ``compare_precisions``
+    refits from raw rows in each precision, which statistics alone cannot do."""
+    import torch
+
+    from ghostsolve.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    layers, norm = adapter.layers(model), adapter.final_norm(model)
+    num_layers = len(layers)
+    boundaries = sorted({b for iv in intervals for b in iv})
+    seen: dict[int, list[Any]] = {b: [] for b in boundaries}
+    current: dict[str, Any] = {}
+
+    def hook_for(b: int) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h = kwargs.get(adapter.hidden_states_kwarg)
+            if h is None:
+                h = args[adapter.hidden_states_arg_position] if b < num_layers else args[0]
+            seen[b].append(h.detach()[current["keep"]].double().cpu())
+
+        return hook
+
+    handles = []
+    try:
+        for b in boundaries:
+            module = layers[b] if b < num_layers else norm
+            handles.append(module.register_forward_pre_hook(hook_for(b), with_kwargs=True))
+        device = next(model.parameters()).device
+        total = 0
+        with torch.no_grad():
+            for batch in batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                keep = (torch.ones_like(ids) if mask is None else mask.to(device)).bool().clone()
+                if skip_first_token:
+                    keep[:, 0] = False
+                current["keep"] = keep
+                model(input_ids=ids, attention_mask=keep.long() if mask is None else mask.to(device))
+                total += int(keep.sum())
+                if total >= max_rows:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = {b: torch.cat(seen[b])[:max_rows] for b in boundaries}
+    return {iv: (rows[iv[0]], rows[iv[1]]) for iv in intervals}
+
+
+def _diagnose_interval(stats: Any, X: Any, Y: Any, interval: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+    """Conditioning (all calibration tokens) and the fp32/fp64 solver table (raw rows) for one boundary."""
+    from ghostsolve.diagnostics import compare_precisions, diagnose
     from ghostsolve.pipeline.checkpoint import _jsonable
 
-    lines = [f"boundary {interval[0]}->{interval[1]} (layers {interval[0]}..{interval[1] - 1} removed)"]
-    entry: dict[str, Any] = {}
-    diagnose = getattr(ghostsolve, "diagnose", None)
-    compare = getattr(ghostsolve, "compare_precisions", None)
-    if diagnose is None or compare is None:
-        raise GhostsolveError("this ghostsolve build has no diagnose/compare_precisions in its core")
+    head = f"boundary {interval[0]}->{interval[1]} (layers {interval[0]}..{interval[1] - 1} removed)"
     diag = diagnose(stats)
-    entry["conditioning"] = _jsonable(diag)
-    lines.append(_indent(_render(diag)))
-    table = compare(stats)
-    entry["precisions"] = _jsonable(table)
-    lines.append(_indent(_render(table)))
-    return "\n".join(lines), entry
-
-
-def _render(obj: Any) -> str:
-    """Text of a core diagnostics object: its own ``table()``/``__str__`` when it has one."""
-    for name in ("table", "to_text", "format"):
-        method = getattr(obj, name, None)
-        if callable(method):
-            try:
-                return str(method())
-            except TypeError:
-                continue
-    return str(obj)
+    table = compare_precisions(X, Y)
+    entry = {
+        "conditioning": _jsonable({k: v for k, v in diag.__dict__.items() if k != "eigenvalues"}),
+        "precisions": _jsonable(table.as_dicts()),
+        "precision_rows": int(X.shape[0]),
+    }
+    text = "\n".join(
+        [
+            head,
+            _indent(str(diag)),
+            f"  solver stability on {X.shape[0]} tokens:",
+            _indent(_indent(str(table))),
+        ]
+    )
+    return text, entry
 
 
 def _indent(text: str) -> str:
@@ -794,6 +844,13 @@ def build_parser() -> argparse.ArgumentParser:
     diag_drop = diag.add_mutually_exclusive_group(required=True)
     diag_drop.add_argument("--drop", metavar="LAYERS", help="layers to remove: 5-7, 3,9 or 3,5-7")
     diag.add_argument("--report", metavar="FILE.json", help="write the diagnostics as JSON")
+    diag.add_argument(
+        "--max-rows",
+        type=_positive,
+        default=4096,
+        help="calibration tokens used for the fp32/fp64 solver comparison, which refits from raw rows "
+        "(default: 4096; conditioning uses every calibration token)",
+    )
     diag.add_argument(
         "--seq-len", type=_positive, default=None, help="tokens per calibration window (default: model's)"
     )
