@@ -52,27 +52,34 @@ def parse_layers(spec: str) -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        try:
-            if "-" in part[1:]:
-                first, last = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(first), int(last)
-                if lo > hi:
-                    raise GhostsolveError(
-                        f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)"
-                    )
-                layers.extend(range(lo, hi + 1))
-            else:
-                layers.append(int(part))
-        except ValueError as exc:
+        first, dash, last = part.partition("-")
+        bounds = _ints(first, last) if dash else _ints(part)
+        if bounds is None:
             raise GhostsolveError(
                 f"cannot read layer list {spec!r}: {part!r} is neither an integer nor a range like 5-7"
-            ) from exc
+            )
+        if dash:
+            lo, hi = bounds
+            if lo > hi:
+                raise GhostsolveError(
+                    f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)"
+                )
+            layers.extend(range(lo, hi + 1))
+        else:
+            layers.append(bounds[0])
     if not layers:
         raise GhostsolveError(f"layer list {spec!r} is empty; give indices such as 5-7 or 3,9")
     duplicates = sorted({i for i in layers if layers.count(i) > 1})
     if duplicates:
         raise GhostsolveError(f"layer list {spec!r} names layers {duplicates} more than once")
     return layers
+
+
+def _ints(*texts: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(t) for t in texts)
+    except ValueError:
+        return None
 
 
 def _methods(spec: str) -> list[str]:
@@ -463,6 +470,7 @@ def _write_report_and_plot(run: Any, report_path: str | None, extra: Mapping[str
 def _cmd_prune(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.data import batches_from_windows
     from ghostsolve.pipeline.evaluate import perplexity
+    from ghostsolve.pipeline.surgery import removal_set
 
     methods = _methods(args.recover)
     out = Path(args.out) if args.out else None
@@ -470,6 +478,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
+    if args.drop:  # fail on a bad removal set before any sampling or capture
+        removal_set(parse_layers(args.drop), int(model.config.num_hidden_layers))
     calib = _calibration_windows(args, model, tokenizer, seq_len)
     drop = _resolve_drop(args, model, batches_from_windows(calib, args.batch_size))
     evalw = _evaluation_windows(args, model, tokenizer, seq_len)
@@ -693,6 +703,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.evaluate import perplexity
     from ghostsolve.pipeline.recover import METHODS
     from ghostsolve.pipeline.report import build_report, format_table, plot_perplexities, write_report
+    from ghostsolve.pipeline.surgery import removal_set
 
     start = time.perf_counter()
     model_dir = Path(args.model) if args.model else DEMO_MODEL_DIR
@@ -709,12 +720,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")
     model, tokenizer = _load_model(str(model_dir), args)
     seq_len = _seq_len(args, model)
+    if args.drop:
+        drop = list(removal_set(parse_layers(args.drop), int(model.config.num_hidden_layers)))
+        rule = "given by --drop"
     calib = _calibration_windows(args, model, tokenizer, seq_len)
     evalw = _evaluation_windows(args, model, tokenizer, seq_len)
-    if args.drop:
-        drop = parse_layers(args.drop)
-        rule = "given by --drop"
-    else:
+    if not args.drop:
         drop = demo_block_selection(model, batches_from_windows(calib, args.batch_size), args.num_drop)
         rule = f"contiguous block of {args.num_drop} with the most similar input and output (cosine)"
     progress = not args.no_progress

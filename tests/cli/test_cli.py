@@ -1,0 +1,246 @@
+"""The ``ghostsolve`` command line, run in-process on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ghostsolve
+from ghostsolve.cli import DEMO_MODEL_DIR, build_parser, demo_block_selection, main, parse_layers
+from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.checkpoint import checkpoint_info
+from tests.conftest import require_shared
+from tests.pipeline._tiny import text_file, tiny_llama, tiny_model_dir
+
+QUIET = ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return text_file(tmp_path_factory.mktemp("text") / "sonnet.txt")
+
+
+def _check_contract(report: dict, methods: list[str], saved: str | None) -> None:
+    assert isinstance(report["model"], str)
+    assert isinstance(report["removed"], list) and all(isinstance(i, int) for i in report["removed"])
+    assert isinstance(report["seq_len"], int)
+    assert isinstance(report["dense"]["perplexity"], float)
+    assert list(report["methods"]) == methods
+    for entry in report["methods"].values():
+        assert isinstance(entry["perplexity"], float) and entry["perplexity"] > 1
+        assert entry["relative_residual"] is None or isinstance(entry["relative_residual"], float)
+        assert isinstance(entry["fit_seconds"], float) and entry["fit_seconds"] >= 0
+    assert report["saved"] == saved
+
+
+def test_prune_end_to_end(tmp_path, model_dir, text, capsys):
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    rc = main(
+        [
+            "prune", str(model_dir), "--drop", "2-3", "--recover", "ghost,identity,scalar,replaceme",
+            "--calib-text", str(text), "--num-calib", "16", "--eval-text", str(text), "--seq-len", "32",
+            "--out", str(out), "--report", str(report_path), "--plot", str(tmp_path / "p.png"), *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    for name in ("dense", "ghost *", "identity (plain pruned)", "scalar", "replaceme"):
+        assert name in stdout
+    report = json.loads(report_path.read_text())
+    _check_contract(report, ["ghost", "identity", "scalar", "replaceme"], "ghost")
+    assert report["removed"] == [2, 3]
+    assert report["seq_len"] == 32
+    assert report["methods"]["identity"]["relative_residual"] == pytest.approx(1.0)
+    assert report["methods"]["ghost"]["relative_residual"] < 1.0
+    assert report["calibration"] == {"source": "text", "files": [str(text)], "sequences": 16, "seq_len": 32}
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    info = checkpoint_info(out)
+    assert info["method"] == "ghost" and info["removed"] == [2, 3]
+    assert info["original_model"] == str(model_dir)
+    # The saved model reproduces the perplexity the table reports for it.
+    rc = main(
+        ["eval", str(out), "--eval-text", str(text), "--seq-len", "32", "--report", str(tmp_path / "e.json")]
+    )
+    assert rc == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["perplexity"] == pytest.approx(report["methods"]["ghost"]["perplexity"], rel=1e-6)
+    assert evaluated["seq_len"] == 32
+
+
+def test_prune_with_self_calibration_and_no_output(tmp_path, model_dir, capsys):
+    report_path = tmp_path / "r.json"
+    rc = main(
+        [
+            "prune", str(model_dir), "--drop", "1,4", "--calib", "self", "--num-calib", "8",
+            "--num-eval", "4", "--seq-len", "24", "--order", "sequential",
+            "--report", str(report_path), *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    _check_contract(report, ["ghost", "identity"], None)
+    assert report["calibration"]["source"] == "self" and report["evaluation"]["source"] == "self"
+    assert report["evaluation"]["windows"] == 4
+    assert report["order"] == "sequential"
+    assert set(report["methods"]["ghost"]["relative_residuals"]) == {"1-2", "4-5"}
+
+
+def test_eval_on_self_samples_and_plain_model(model_dir, capsys):
+    assert main(["eval", str(model_dir), "--num-eval", "2", "--seq-len", "16", *QUIET]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_diagnose(tmp_path, model_dir, text, capsys):
+    rc = main(
+        [
+            "diagnose", str(model_dir), "--drop", "2-3", "--calib-text", str(text), "--seq-len", "32",
+            "--max-rows", "512", "--report", str(tmp_path / "d.json"), *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "boundary 2->4" in stdout and "cond(X" in stdout and "float32" in stdout
+    report = json.loads((tmp_path / "d.json").read_text())
+    entry = report["intervals"]["2-4"]
+    assert entry["precision_rows"] == 512
+    assert entry["conditioning"]["dim"] == 32
+    assert {row["dtype"] for row in entry["precisions"]} == {"float32", "float64"}
+
+
+def test_demo_on_a_tiny_model(tmp_path, model_dir, capsys):
+    out = tmp_path / "demo"
+    rc = main(
+        [
+            "demo", "--model", str(model_dir), "--out", str(out), "--num-calib", "8", "--num-eval", "4",
+            "--seq-len", "24", "--recover", "ghost,identity,diagonal", "--report", str(tmp_path / "r.json"),
+            *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "identity (plain pruned)" in stdout and "wall time" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model", "perplexity.png", "report.json"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report == json.loads((out / "report.json").read_text())
+    _check_contract(report, ["ghost", "identity", "diagonal"], "ghost")
+    assert len(report["removed"]) == 2 and report["removed"][1] == report["removed"][0] + 1
+    assert report["calibration"]["source"] == "self"
+    loaded = ghostsolve.load(out / "model")
+    assert loaded.config.num_hidden_layers == 4
+    # An existing --out is refused, and left as it was.
+    assert main(["demo", "--model", str(model_dir), "--out", str(out), *QUIET]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_demo_block_selection_prefers_the_most_similar_block():
+    torch.manual_seed(0)
+    model = tiny_llama(50, layers=6)
+    # Zero the output projections of layers 3 and 4: they add nothing, so their input equals their output.
+    with torch.no_grad():
+        for i in (3, 4):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 10))}]
+    assert demo_block_selection(model, batches, 2) == [3, 4]
+    with pytest.raises(GhostsolveError, match=r"must be in 1\.\.4"):
+        demo_block_selection(model, batches, 5)
+
+
+@pytest.mark.slow
+def test_demo_defaults_on_the_bundled_model(tmp_path, monkeypatch, capsys):
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"the bundled demo model is not built yet ({DEMO_MODEL_DIR} has no config.json)")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ghostsolve-demo-out" / "report.json").read_text())
+    methods = report["methods"]
+    _check_contract(report, list(methods), "ghost")
+    assert {"ghost", "identity", "prune-comp", "replaceme"} <= set(methods)
+    # On a real trained model the unconstrained operator recovers more than plain pruning.
+    assert methods["ghost"]["perplexity"] < methods["identity"]["perplexity"]
+    assert methods["ghost"]["relative_residual"] < 1.0
+    remote = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ghostsolve-demo-out" / "model", trust_remote_code=True
+    )
+    assert remote.config.num_hidden_layers == report.get(
+        "original_num_layers", remote.config.num_hidden_layers
+    )
+
+
+def test_convert_llama2c(tmp_path, capsys):
+    checkpoint = require_shared("models/stories260K/stories260K.bin")
+    tokenizer = require_shared("models/stories260K/tok512.bin")
+    out = tmp_path / "stories"
+    assert main(["convert-llama2c", str(checkpoint), str(tokenizer), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()
+    assert main(["convert-llama2c", str(checkpoint), str(tokenizer), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and help
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--drop", "9"], "out of range"),
+        (["--drop", "3-1"], "runs backwards"),
+        (["--drop", "a"], "neither an integer nor a range"),
+        (["--drop", "2", "--recover", "ghost,magic"], "unknown recovery method"),
+        (["--recover", "ghost"], "give --drop"),
+        (["--drop", "2", "--seq-len", "999"], "exceeds the model's 64 positions"),
+    ],
+)
+def test_errors_are_one_line_with_status_2(model_dir, text, capsys, argv, message):
+    rc = main(["prune", str(model_dir), "--calib-text", str(text), *argv, *QUIET])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ghostsolve: error:") and message in err[0]
+
+
+def test_missing_files_are_reported(tmp_path, model_dir, capsys):
+    assert main(["prune", str(model_dir), "--drop", "1", "--calib-text", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "no-model")]) == 2
+    assert "ghostsolve: error:" in capsys.readouterr().err
+
+
+def test_usage_errors_and_help(capsys):
+    assert main([]) == 2
+    assert main(["prune", "m", "--drop", "1"]) == 2  # no calibration source
+    capsys.readouterr()
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    for command in ("prune", "eval", "diagnose", "demo", "convert-llama2c"):
+        assert command in top
+    assert main(["prune", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--drop", "--recover", "--order", "--calib-text", "--calib", "--num-calib", "--seq-len",
+                 "--eval-text", "--out", "--overwrite", "--report", "--device", "--dtype"):  # fmt: skip
+        assert flag in text
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.help != "==SUPPRESS==":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_parse_layers():
+    assert parse_layers("5-7") == [5, 6, 7]
+    assert parse_layers("3,9") == [3, 9]
+    assert parse_layers(" 3, 5-6 ") == [3, 5, 6]
+    with pytest.raises(GhostsolveError, match=r"names layers \[5\] more than once"):
+        parse_layers("5,4-6")
+    with pytest.raises(GhostsolveError, match="is empty"):
+        parse_layers(",")
