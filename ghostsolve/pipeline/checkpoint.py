@@ -219,7 +219,9 @@ def _is_recovery(obj: Any) -> bool:
     return hasattr(obj, "model") and hasattr(obj, "method") and not isinstance(obj, nn.Module)
 
 
-def _section(obj: Any, model: nn.Module, original_model: str | None, extra: Mapping[str, Any] | None):
+def _section(
+    obj: Any, model: Any, original_model: str | None, extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
     previous = getattr(model.config, CONFIG_SECTION, None)
     section: dict[str, Any] = dict(previous) if isinstance(previous, Mapping) else {}
     section.update({"format_version": FORMAT_VERSION, "ghostsolve_version": _version()})
@@ -296,11 +298,12 @@ def save(
     """
     from ghostsolve.adapters import get_adapter
 
-    model = recovery_or_model.model if _is_recovery(recovery_or_model) else recovery_or_model
-    if not isinstance(model, nn.Module) or not hasattr(model, "save_pretrained"):
+    candidate = recovery_or_model.model if _is_recovery(recovery_or_model) else recovery_or_model
+    if not isinstance(candidate, nn.Module) or not hasattr(candidate, "save_pretrained"):
         raise GhostsolveError(
             f"save() needs a Recovery or a transformers model, got {type(recovery_or_model).__name__}"
         )
+    model: Any = candidate
     out = Path(out_dir)
     _refuse_existing(out.absolute(), overwrite)
     adapter = get_adapter(model)
@@ -488,7 +491,8 @@ def load(
                 "config.json; the ghostsolve section was removed or damaged — re-save the checkpoint"
             )
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
+            model, info = loaded
         except (OSError, ValueError) as exc:
             raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {exc}") from exc
         _check_loading_info(info, path, ghosted=False)
@@ -529,7 +533,8 @@ def _load_ghosted(
         base_cls = auto_model._model_mapping[type(config)]
     except KeyError as exc:
         raise GhostsolveError(f"transformers has no causal LM class for model type {base_type!r}") from exc
-    keep_fp32 = ["ghost"] if any(g.get("delta_dtype") == "float32" for g in ghosts) else []
+    ghost_list: list[dict[str, Any]] = ghosts
+    keep_fp32 = ["ghost"] if any(g.get("delta_dtype") == "float32" for g in ghost_list) else []
 
     class _Ghosted(base_cls):  # type: ignore[misc, valid-type]
         # Built only so that from_pretrained creates the wrappers before it loads the weights; the instance
@@ -541,7 +546,7 @@ def _load_ghosted(
 
         def __init__(self, config: Any, *args: Any, **kw: Any) -> None:
             super().__init__(config, *args, **kw)
-            for ghost in ghosts:
+            for ghost in ghost_list:
                 apply_ghost_layout(
                     self,
                     [{"insert_at": ghost["insert_at"], "dim": ghost["dim"]}],
