@@ -96,7 +96,10 @@ def test_layerwise_sees_inserted_ghosts_like_capture() -> None:
     _assert_same_stats(got, capture_stats(model, batches, intervals, progress=False))
 
 
-def test_layerwise_accepts_plain_id_tensors_and_places_stats() -> None:
+def test_layerwise_accepts_plain_id_tensors_and_places_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ghostsolve.pipeline import offload
+
+    monkeypatch.setattr(offload, "_CHUNK_ROWS", 5)  # several Stats updates per batch
     model = tiny_model("llama", num_layers=3)
     ids = [b["input_ids"] for b in random_batches()]
     got = capture_stats_layerwise(
