@@ -22,9 +22,16 @@ from torch import nn
 
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.report import write_report
-from ghostsolve.pipeline.select import Batch, Selection, select_layers
+from ghostsolve.pipeline.select import STRATEGIES, Batch, Selection, select_layers
 
-__all__ = ["format_selection", "plot_selection", "run_select_command", "write_selection_report"]
+__all__ = [
+    "format_selection",
+    "options_from_args",
+    "plot_selection",
+    "run_select_command",
+    "strategy_help",
+    "write_selection_report",
+]
 
 
 def _chosen_rows(selection: Selection) -> set[int]:
@@ -167,3 +174,46 @@ def run_select_command(
     if plot_path is not None:
         plot_selection(selection, plot_path)
     return selection
+
+
+def strategy_help() -> str:
+    """One line per strategy (name, unit, score, reference) for a command's ``--help`` epilog."""
+    width = max(len(name) for name in STRATEGIES)
+    lines = ["strategies (0-based layer indices; 'block' rules remove n contiguous layers):"]
+    for name, spec in STRATEGIES.items():
+        lines.append(
+            f"  {name:<{width}}  {spec.unit:<5}  {spec.score_name}, removes the {spec.removes} "
+            f"[{spec.reference}]"
+        )
+    return "\n".join(lines)
+
+
+def options_from_args(strategy: str, **values: Any) -> dict[str, Any]:
+    """The subset of command-line values that ``strategy`` accepts as options, ``None`` values dropped.
+
+    A command offers one flag set for every strategy (``--last-token``, ``--skip-first-token``,
+    ``--top-k``...); each strategy takes only its own options (:attr:`Strategy.options`), and a flag left
+    at its default (``None``/``False``) is not passed, so the strategy's default applies.
+
+    Raises
+    ------
+    GhostsolveError
+        If ``strategy`` is unknown, or a flag that only other strategies accept was set explicitly.
+
+    Examples
+    --------
+    >>> options_from_args("angular", last_token=True, skip_first_token=False, top_k=None)
+    {'last_token': True}
+    """
+    if strategy not in STRATEGIES:
+        raise GhostsolveError(
+            f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    accepted = STRATEGIES[strategy].options
+    chosen = {k: v for k, v in values.items() if v is not None and v is not False}
+    # --skip-first-token is a calibration flag shared with recovery; rules that do not use it ignore it.
+    stray = sorted(k for k in chosen if k not in accepted and k != "skip_first_token")
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise GhostsolveError(f"{flags} does not apply to strategy {strategy!r}; it accepts {list(accepted)}")
+    return {k: v for k, v in chosen.items() if k in accepted}
