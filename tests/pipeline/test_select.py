@@ -450,3 +450,22 @@ def test_recoverable_ppl_matches_recover_then_reference_ppl() -> None:
             assert math.isnan(sel.scores[start])
     best = min(expected, key=lambda s: (expected[s], s))
     assert sel.selected == [best, best + 1]
+
+
+def test_options_from_args_passes_only_what_a_strategy_accepts() -> None:
+    from ghostsolve.pipeline.select_report import options_from_args, strategy_help
+
+    assert options_from_args("angular", last_token=True, skip_first_token=False, top_k=None) == {
+        "last_token": True
+    }
+    # --skip-first-token is shared with recovery: ignored by rules without it, passed to those with it
+    assert options_from_args("ppl", last_token=False, skip_first_token=True, top_k=None) == {}
+    assert options_from_args("recoverable-ppl", skip_first_token=True, top_k=5) == {
+        "skip_first_token": True,
+        "top_k": 5,
+    }
+    with pytest.raises(GhostsolveError, match=r"--top-k does not apply to strategy 'angular'"):
+        options_from_args("angular", top_k=2)
+    with pytest.raises(GhostsolveError, match="unknown selection strategy 'bi'"):
+        options_from_args("bi")
+    assert all(name in strategy_help() for name in STRATEGIES)
