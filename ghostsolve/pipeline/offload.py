@@ -22,7 +22,7 @@ moved: their hooks onload the weights themselves, so the same function also work
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +37,12 @@ from ghostsolve.pipeline.capture import Interval, check_intervals
 from ghostsolve.pipeline.surgery import GhostedLayer, GhostedNorm
 from ghostsolve.stats import Stats
 
-__all__ = ["capture_stats_layerwise", "default_execution_device"]
+__all__ = ["OnInterval", "capture_stats_layerwise", "default_execution_device"]
 
 logger = logging.getLogger(__name__)
+
+#: ``on_interval((start, end), stats) -> map or None``: see :func:`capture_stats_layerwise`.
+OnInterval = Callable[[Interval, Stats], Callable[[torch.Tensor], torch.Tensor] | None]
 
 # Stats.update upcasts a chunk to fp64 ([X | Y - X] and Y: 3·d·8 bytes a row); 4096 rows cap that at
 # 0.75 GiB for d = 8192 while keeping the GEMMs large enough to run at full speed.
@@ -303,6 +306,7 @@ def capture_stats_layerwise(
     dtype: torch.dtype = torch.float64,
     product_dtype: torch.dtype | None = None,
     adapter: ModelAdapter | None = None,
+    on_interval: OnInterval | None = None,
 ) -> dict[Interval, Stats]:
     """Boundary statistics of removed intervals, computed one decoder layer at a time.
 
@@ -340,6 +344,16 @@ def capture_stats_layerwise(
         Per-chunk product precision (see :class:`ghostsolve.Stats`); None = ``dtype``.
     adapter : ModelAdapter, optional
         Default: ``get_adapter(model)``.
+    on_interval : callable, optional
+        The ``sequential`` fitting order in the same single pass. Called as ``on_interval((start, end),
+        stats)`` as soon as an interval's statistics are complete, in model order; it returns the map that
+        replaces the interval in the pruned model — e.g. the :class:`~ghostsolve.pipeline.surgery.
+        GhostOperator` built from ``ghostsolve.fit(stats)`` — or None for plain pruning. From then on, ``X``
+        of every later interval is taken from the stream of the model pruned and recovered so far (the
+        removed layers skipped, the returned maps applied), while ``Y`` stays the dense model's stream, so
+        later operators correct the errors of earlier ones. That second stream costs one more pass of each
+        layer after the first interval. Without it (the default) every interval sees the dense model
+        (the ``independent`` order).
 
     Returns
     -------
@@ -381,34 +395,32 @@ def capture_stats_layerwise(
         type(model).__name__, len(split), checked, exec_device, offload,
     )
     last = max(end for _, end in checked)
-    starts = {start for start, _ in checked}
-    ends = {end: (start, end) for start, end in checked}
     dispatched = _is_dispatched(model)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             return _run(
-                model,
-                adapter,
-                layers,
-                split,
-                checked,
-                starts,
-                ends,
-                last,
-                dispatched,
-                exec_device,
-                offload,
-                stats_at,
-                skip_first_token,
-                progress,
-                dtype,
-                product_dtype,
-            )
+                model, adapter, layers, split, checked, last, dispatched, exec_device, offload, stats_at,
+                skip_first_token, progress, dtype, product_dtype, on_interval,
+            )  # fmt: skip
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def _apply_ghosts(
+    ghosts: Sequence[nn.Module], stream: list[torch.Tensor], device: torch.device, offload: torch.device
+) -> list[torch.Tensor]:
+    if not ghosts:
+        return stream
+    out: list[torch.Tensor] = []
+    for h in stream:
+        h = h.to(device)
+        for ghost in ghosts:
+            h = ghost(h)
+        out.append(h.to(offload))
+    return out
 
 
 def _run(
@@ -417,8 +429,6 @@ def _run(
     layers: nn.ModuleList,
     split: list[tuple[dict[str, Any], torch.Tensor]],
     checked: list[Interval],
-    starts: set[int],
-    ends: dict[int, Interval],
     last: int,
     dispatched: bool,
     exec_device: torch.device,
@@ -428,9 +438,12 @@ def _run(
     progress: bool,
     dtype: torch.dtype,
     product_dtype: torch.dtype | None,
+    on_interval: OnInterval | None,
 ) -> dict[Interval, Stats]:
     num_layers = len(layers)
-    stream: list[torch.Tensor] = []
+    starts = {start for start, _ in checked}
+    ends = {end: (start, end) for start, end in checked}
+    stream: list[torch.Tensor] = []  # the dense model's stream, per batch
     calls_per_batch: list[list[_LayerCall]] = []
     keeps: list[torch.Tensor] = []
     prefix = [] if dispatched else _prefix_modules(model, layers, adapter.lm_head(model))
@@ -444,47 +457,80 @@ def _run(
 
     dim = int(stream[0].shape[-1])
     stats = {iv: Stats(dim, dtype=dtype, device=stats_at, product_dtype=product_dtype) for iv in checked}
-    held: list[torch.Tensor] | None = None  # the stream entering the open interval's start
+    held: list[torch.Tensor] | None = None  # X of the open interval: the stream entering its start
+    # Sequential order only: the stream of the model pruned and recovered so far, once it differs from the
+    # dense one; it skips the layers of each removed interval and passes through the returned map instead.
+    pruned: list[torch.Tensor] | None = None
+    inside = False
     position = adapter.hidden_states_arg_position
     keyword = adapter.hidden_states_kwarg
+
+    def run_layer(runner: nn.Module, b: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        carried: list[torch.Tensor] = []
+        for h_off, calls in zip(hidden, calls_per_batch, strict=True):
+            call = calls[b]
+            h = h_off if dispatched else h_off.to(exec_device)
+            if call.hidden_in_args:
+                out = runner(*call.args[:position], h, *call.args[position + 1 :], **call.kwargs)
+            else:
+                out = runner(*call.args, **{keyword: h}, **call.kwargs)
+            carried.append(_first_tensor(out).to(offload))
+        return carried
+
     bar = tqdm(range(last + 1), desc="ghostsolve layer-by-layer capture", unit="layer", disable=not progress)
     for b in bar:
         # The stream entering boundary b is what enters the layer proper: after any ghost in front of it.
         outer = layers[b] if b < num_layers else adapter.final_norm(model)
         ghosts, inner = _ghosts(outer)
-        if ghosts:
-            with _onloaded(ghosts, exec_device, f"the ghost operator before boundary {b}"):
-                ghosted: list[torch.Tensor] = []
-                for h in stream:
-                    h = h.to(exec_device)
-                    for ghost in ghosts:
-                        h = ghost(h)
-                    ghosted.append(h.to(offload))
-            stream = ghosted
-        if b in ends:
-            if held is None:  # pragma: no cover - check_intervals guarantees start < end
-                raise AssertionError("interval end reached before its start")
-            _accumulate(stats[ends[b]], ends[b], held, stream, keeps, exec_device, num_layers)
-            held = None
+        with _onloaded(ghosts, exec_device, f"the ghost operator before boundary {b}"):
+            stream = _apply_ghosts(ghosts, stream, exec_device, offload)
+            if b in ends:
+                if held is None:  # pragma: no cover - check_intervals guarantees start < end
+                    raise AssertionError("interval end reached before its start")
+                interval = ends[b]
+                _accumulate(stats[interval], interval, held, stream, keeps, exec_device, num_layers)
+                if on_interval is not None:
+                    pruned = _apply_map(on_interval(interval, stats[interval]), held, exec_device, offload)
+                    pruned = _apply_ghosts(ghosts, pruned, exec_device, offload)
+                held, inside = None, False
+            elif pruned is not None and not inside:
+                pruned = _apply_ghosts(ghosts, pruned, exec_device, offload)
         if b in starts:
-            held = stream
+            held, inside = (pruned if pruned is not None else stream), True
         if b == last:
             break
         # A wrapped layer runs without its wrapper (its ghosts were applied above); a plain one is called
         # as the model calls it, so accelerate's hooks (if any) onload its weights.
         runner = inner if ghosts else outer
         with _onloaded([runner], exec_device, f"decoder layer {b}"):
-            carried: list[torch.Tensor] = []
-            for h_off, calls in zip(stream, calls_per_batch, strict=True):
-                call = calls[b]
-                h = h_off if dispatched else h_off.to(exec_device)
-                if call.hidden_in_args:
-                    out = runner(*call.args[:position], h, *call.args[position + 1 :], **call.kwargs)
-                else:
-                    out = runner(*call.args, **{keyword: h}, **call.kwargs)
-                carried.append(_first_tensor(out).to(offload))
-        stream = carried
+            stream = run_layer(runner, b, stream)
+            if pruned is not None and not inside:
+                pruned = run_layer(runner, b, pruned)
     return stats
+
+
+def _apply_map(
+    op: Callable[[torch.Tensor], torch.Tensor] | None,
+    stream: list[torch.Tensor],
+    device: torch.device,
+    offload: torch.device,
+) -> list[torch.Tensor]:
+    """``op`` (the map replacing a removed interval) applied to every batch of ``stream``."""
+    if op is None:
+        return stream
+    modules = [op] if isinstance(op, nn.Module) else []
+    with _onloaded(modules, device, "the map returned by on_interval"):
+        out = []
+        for h in stream:
+            mapped = op(h.to(device))
+            if not isinstance(mapped, torch.Tensor) or mapped.shape != h.shape:
+                got = tuple(mapped.shape) if isinstance(mapped, torch.Tensor) else type(mapped).__name__
+                raise GhostsolveError(
+                    f"on_interval returned a map that turned hidden states {tuple(h.shape)} into {got}; it "
+                    "must map (..., d) to (..., d), e.g. the GhostOperator to insert, or return None"
+                )
+            out.append(mapped.to(offload))
+    return out
 
 
 def _describe(boundary: int, num_layers: int) -> str:

@@ -258,3 +258,66 @@ def test_accelerate_cpu_offload_model_captures_layerwise() -> None:
 def test_accelerate_cpu_offload_model_captures_whole() -> None:
     model, batches, expected = _cpu_offloaded("olmo2")
     _assert_same_stats(capture_stats(model, batches, INTERVALS, progress=False), expected)
+
+
+# ------------------------------------------------------------------------------- sequential order, one pass
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_on_interval_gives_the_sequential_order_of_recover(family: str) -> None:
+    import ghostsolve
+    from ghostsolve.pipeline.recover import recover
+
+    model = tiny_model(family, num_layers=6)
+    batches = _batches()
+    drop = [1, 3, 4, 5]  # intervals (1, 2) and (3, 6): the second reaches the final norm
+    expected = recover(model, drop, batches, method="ghost", order="sequential", progress=False)
+
+    fits: dict[tuple[int, int], Any] = {}
+    seen: list[tuple[int, int]] = []
+
+    def refit(interval: tuple[int, int], stats: Stats) -> GhostOperator:
+        seen.append(interval)
+        fits[interval] = ghostsolve.fit(stats, family="full")
+        return GhostOperator(fits[interval].delta)  # what recover inserts
+
+    got = capture_stats_layerwise(
+        model, batches, [(1, 2), (3, 6)], device="cpu", progress=False, on_interval=refit
+    )
+    assert seen == [(1, 2), (3, 6)] and list(got) == seen
+    for interval in seen:
+        reference = expected.fits[interval]
+        assert reference is not None
+        rel = float((fits[interval].weight - reference.weight).norm() / reference.weight.norm())
+        assert rel <= 1e-10, (interval, rel)
+    # The second interval really saw the recovered stream: its X differs from the dense model's.
+    dense = capture_stats(model, batches, [(3, 6)], progress=False)[(3, 6)]
+    assert float((dense.xtx - got[(3, 6)].xtx).abs().max()) > 1e-3 * float(dense.xtx.abs().max())
+
+
+def test_on_interval_returning_none_is_plain_pruning() -> None:
+    model = tiny_model("qwen3", num_layers=5)
+    batches = _batches()
+    got = capture_stats_layerwise(
+        model, batches, [(1, 2), (3, 5)], device="cpu", progress=False, on_interval=lambda iv, s: None
+    )
+    # X of (3, 5) comes from the model without layer 1: what the plainly pruned model computes.
+    from ghostsolve.pipeline.surgery import remove_layers
+
+    pruned = remove_layers(tiny_model("qwen3", num_layers=5), [1])
+    expected = _reference(pruned, batches, [(2, 4)])[(2, 4)]
+    dense_y = _reference(model, batches, [(3, 5)])[(3, 5)]
+    assert got[(3, 5)].n_rows == expected.n_rows
+    for name in ("xtx", "x_abs_sum"):
+        tensor = getattr(expected, name)
+        assert float((getattr(got[(3, 5)], name) - tensor).abs().max()) <= 1e-12 * float(tensor.abs().max())
+    # ... while Y stays the dense model's stream.
+    assert torch.allclose(got[(3, 5)].y_abs_sum, dense_y.y_abs_sum, rtol=1e-12, atol=0)
+
+
+def test_on_interval_must_return_a_shape_preserving_map() -> None:
+    model = tiny_model("llama", num_layers=4)
+    with pytest.raises(GhostsolveError, match=r"on_interval returned a map that turned hidden states "
+                       r"\(2, 12, 32\) into \(2, 12\)"):  # fmt: skip
+        capture_stats_layerwise(
+            model, random_batches(), [(0, 1), (2, 3)], device="cpu", progress=False,
+            on_interval=lambda iv, s: (lambda h: h.sum(-1)),
+        )  # fmt: skip
