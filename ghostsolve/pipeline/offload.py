@@ -15,6 +15,10 @@ in mask or rotary table, e.g. OLMo-3's alternating sliding/full attention, are s
 stops at the last needed layer. Then each layer is onloaded, run on every batch with its recorded
 arguments and the carried hidden states, and offloaded again.
 
+With ``on_interval`` the same pass also gives the ``sequential`` fitting order: a second stream, that of
+the model pruned and recovered so far, is carried beside the dense one (GPTQ's two streams), so each
+interval's operator is fitted on the activations of the model with the earlier operators in place.
+
 Layers already managed by accelerate (``dispatch_model``, ``device_map="auto"``, ``cpu_offload``) are not
 moved: their hooks onload the weights themselves, so the same function also works on dispatched models.
 """
