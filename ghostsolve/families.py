@@ -102,7 +102,9 @@ def _magnitude_sums(stats: Stats, family: str) -> tuple[torch.Tensor, torch.Tens
     return stats.x_abs_sum, stats.y_abs_sum
 
 
-def solve_family(family: str, problem: Problem, stats: Stats, solver: str, rank: int | None) -> FamilyResult:
+def solve_family(
+    family: str, problem: Problem, stats: Stats, solver: str, rank: int | None, *, checked: bool = False
+) -> FamilyResult:
     """The optimum ``M`` of ``family`` (see the module docstring) for a resolved ``solver``.
 
     Raises
@@ -136,11 +138,11 @@ def solve_family(family: str, problem: Problem, stats: Stats, solver: str, rank:
             return FamilyResult(torch.diag(alpha - 1), None, "closed-form")
         return FamilyResult(_hadamard_operator(alpha - 1), None, "closed-form")
     if family == "full":
-        sol = solve(problem, solver)
+        sol = solve(problem, solver, checked=checked)
         return FamilyResult(sol.M, None, sol.solver, sol.notes, sol.eigenvalues, sol.rank)
     if family == "lowrank":
         assert rank is not None
-        sol = solve(problem, solver)
+        sol = solve(problem, solver, checked=checked)
         return _lowrank(sol, problem, rank)
     if family == "symmetric":
         return _symmetric(problem, solver)

@@ -400,6 +400,7 @@ def fit(
         raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
     notes: list[str] = []
     resolved = solver
+    checked = False
     if not uses_solver:
         if solver != "auto":
             notes.append(f"family={family!r} has a closed form; solver={solver!r} was not used")
@@ -411,12 +412,13 @@ def fit(
         if solver == "auto":
             choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=raw is not None)
             resolved = choice.solver
+            checked = True
             notes.append(f"auto chose {choice}")
             if resolved in ("qr", "svd") and stats.r_factor is None and raw is not None:
                 stats = accumulate(*raw, dtype=dtype, qr=True)
         check_full_rank(resolved, stats.n_rows, d, ridge)
     problem = make_problem(stats, dtype, ridge)
-    res = solve_family(family, problem, stats, resolved, rank)
+    res = solve_family(family, problem, stats, resolved, rank, checked=checked)
     return _make_fit(family, res, stats, problem, dtype, ridge, rank, notes)
 
 

@@ -65,6 +65,8 @@ _FULL_RANK = ("cholesky", "qr")
 # A solve whose error bound cond · eps exceeds this is called unsafe: 1e-3 leaves three correct digits
 # in the operator, below which the fit's objective visibly degrades in our tests.
 _SAFE_ERROR = 1e-3
+# Below this size an exact eigvalsh costs less than the iterations of the estimate.
+_EXACT_COND_MAX_D = 128
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -163,35 +165,65 @@ def _shifted(G: torch.Tensor, lam: float) -> torch.Tensor:
     return A
 
 
-def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: int = 20) -> float:
-    """Cheap estimate of ``cond(A)`` for symmetric positive semi-definite ``A`` (d × d).
+def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: int = 30) -> float:
+    """Estimate of ``cond(A)`` for symmetric positive semi-definite ``A`` (d × d), in float64.
 
-    Block power iteration for ``λ_max`` and block inverse iteration (through the Cholesky factor) for
-    ``λ_min``, in float64: ``O(iters · d²)`` instead of the ``O(d³)`` eigendecomposition. It is a lower
-    bound that is usually within a small factor; ``inf`` when ``A`` is not numerically positive definite.
+    Exact (``eigvalsh``) for ``d ≤ 128``. Larger: power iteration for ``λ_max`` and inverse iteration
+    through the Cholesky factor for ``λ_min``, ``O(iters · d²)`` instead of the ``O(d³)``
+    eigendecomposition; a lower bound, usually within a small factor. ``inf`` when ``A`` is not
+    numerically positive definite.
     """
     A64 = A.double()
     d = A64.shape[0]
+    if d <= _EXACT_COND_MAX_D:
+        e = torch.linalg.eigvalsh(A64)
+        return math.inf if float(e[0]) <= 0 else float(e[-1] / e[0])
     if L is None or L.dtype != torch.float64:
         L, info = torch.linalg.cholesky_ex(A64)
         if int(info) != 0:
             return math.inf
     if not bool(torch.isfinite(L).all()):
         return math.inf
-    k = min(4, d)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(d, k, generator=gen, dtype=torch.float64).to(A64.device)
-    W = V.clone()
+    v = torch.randn(d, 1, generator=gen, dtype=torch.float64).to(A64.device)
+    w = v.clone()
     for _ in range(iters):
-        V = torch.linalg.qr(A64 @ V).Q
-        W = torch.linalg.qr(torch.cholesky_solve(W, L)).Q
-    lmax = float(torch.linalg.eigvalsh(V.T @ A64 @ V).max())
-    # λ_max(A⁻¹) = max ‖L⁻¹ w‖² over the converged block: no cancellation against ‖A‖.
-    Z = torch.linalg.solve_triangular(L, W, upper=False)
-    inv_max = float(torch.linalg.eigvalsh(Z.T @ Z).max())
+        v = A64 @ v
+        v = v / v.norm()
+        w = torch.cholesky_solve(w, L)
+        w = w / w.norm()
+    lmax = float(v.T @ A64 @ v)
+    # λ_max(A⁻¹) ≈ ‖L⁻¹ w‖²: no cancellation against ‖A‖, unlike the Rayleigh quotient wᵀAw.
+    inv_max = float(torch.linalg.solve_triangular(L, w, upper=False).pow(2).sum())
     if lmax <= 0 or inv_max <= 0 or not math.isfinite(inv_max):
         return math.inf
     return lmax * inv_max
+
+
+def _cond_r(R11: torch.Tensor, iters: int = 30) -> float:
+    """``cond(R₁₁)`` (= ``cond(X)``) without forming ``R₁₁ᵀR₁₁``: exact for small ``d``, else iterations
+    with triangular solves (``O(iters · d²)``)."""
+    R = R11.double()
+    d = R.shape[0]
+    if R.shape[0] != R.shape[1] or not bool(torch.isfinite(R).all()):
+        return math.inf
+    diag = R.diagonal().abs()
+    if float(diag.min()) == 0.0:
+        return math.inf
+    if d <= _EXACT_COND_MAX_D:
+        s = torch.linalg.svdvals(R)
+        return math.inf if float(s[-1]) == 0 else float(s[0] / s[-1])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(d, 1, generator=gen, dtype=torch.float64).to(R.device)
+    w = v.clone()
+    for _ in range(iters):
+        v = R.T @ (R @ v)
+        v = v / v.norm()
+        w = torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.T, w, upper=False), upper=True)
+        w = w / w.norm()
+    smax = float((R @ v).norm())
+    inv = float(torch.linalg.solve_triangular(R.T, w, upper=False).norm())
+    return smax * inv if math.isfinite(inv) else math.inf
 
 
 def choose_solver(
@@ -199,8 +231,9 @@ def choose_solver(
 ) -> SolverChoice:
     """The solver ``solver="auto"`` uses for these statistics, with the reason.
 
-    Decision list (first match wins), with ``κ`` the estimated ``cond(XᵀX + λI)``
-    (:func:`estimate_condition`, float64) and ``κ_safe = 1e-3 / eps(dtype)`` (:func:`kappa_safe`):
+    Decision list (first match wins), with ``κ`` the estimated ``cond(XᵀX + λI)`` (float64; as
+    ``cond(R₁₁)²`` from the TSQR factor when there is one, else :func:`estimate_condition`) and
+    ``κ_safe = 1e-3 / eps(dtype)`` (:func:`kappa_safe`):
 
     1. ``ridge == 0`` and fewer rows than ``d`` → ``svd`` (XᵀX is singular; minimum-norm solution).
     2. ``κ ≤ κ_safe`` → ``cholesky`` (fast; error ``≈ κ · eps`` is acceptable).
@@ -226,8 +259,20 @@ def choose_solver(
             f"fewer rows ({stats.n_rows:g}) than d={d}: XᵀX is singular, use the minimum-norm svd",
             math.inf,
         )
-    G64 = _shifted(stats.xtx.double(), relative_lambda(stats.xtx, ridge))
-    kappa = estimate_condition(G64)
+    lam = relative_lambda(stats.xtx, ridge)
+    R = stats.r_factor
+    if R is not None and R.shape[0] >= d:
+        # cond(X) read from R itself: beyond ~1e8 the Gram matrix can no longer tell it
+        if lam:
+            R = torch.linalg.qr(
+                torch.cat(
+                    [R[:, :d].double(), math.sqrt(lam) * torch.eye(d, dtype=torch.float64, device=R.device)]
+                ),
+                mode="r",
+            ).R
+        kappa = _cond_r(R[:d, :d]) ** 2
+    else:
+        kappa = estimate_condition(_shifted(stats.xtx.double(), lam))
     safe = kappa_safe(dtype)
     name = str(dtype).removeprefix("torch.")
     if kappa <= safe:
@@ -261,13 +306,19 @@ def check_full_rank(solver: str, n_rows: float, d: int, ridge: float) -> None:
         )
 
 
-def solve(problem: Problem, solver: str) -> Solution:
+def solve(problem: Problem, solver: str, *, checked: bool = False) -> Solution:
     """Solve ``(G + λI) M = B`` with a named solver (not ``auto``).
 
     Raises
     ------
     GhostsolveError
         ``qr`` without a TSQR factor.
+
+    Warns
+    -----
+    IllConditionedWarning
+        ``cholesky`` succeeded on a system too ill-conditioned for its dtype (skipped with
+        ``checked=True``, when :func:`choose_solver` already vetted the conditioning).
     NumericalError
         Non-finite statistics or a failure of the fallback solver.
     """
@@ -277,7 +328,7 @@ def solve(problem: Problem, solver: str) -> Solution:
             "accumulate in float64 (Stats(dtype=torch.float64))"
         )
     if solver == "cholesky":
-        return _cholesky(problem)
+        return _cholesky(problem, warn=not checked)
     if solver == "qr":
         if problem.R is None:
             raise GhostsolveError(
@@ -292,12 +343,14 @@ def solve(problem: Problem, solver: str) -> Solution:
     raise GhostsolveError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
 
 
-def _cholesky(p: Problem) -> Solution:
+def _cholesky(p: Problem, warn: bool = True) -> Solution:
     A = _shifted(p.G, p.lam)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         M = torch.cholesky_solve(p.B, L)
         if bool(torch.isfinite(M).all()):
+            if not warn:
+                return Solution(M, "cholesky")
             kappa = estimate_condition(A, L if A.dtype == torch.float64 else None)
             if kappa > kappa_safe(A.dtype):
                 warnings.warn(

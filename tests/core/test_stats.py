@@ -1,0 +1,225 @@
+"""Streaming statistics: splits, merges, weights, serialization, input safety, error messages."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ghostsolve
+from ghostsolve import GhostsolveError, Stats
+
+from ._problems import Case, cases, make_case
+
+
+def _same(a: Stats, b: Stats, rtol: float = 1e-12) -> None:
+    assert a.n_rows == pytest.approx(b.n_rows)
+    for name, t in a.tensors().items():
+        u = b.tensors()[name]
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        assert torch.allclose(t, u, rtol=rtol, atol=rtol * scale), name
+
+
+@given(case=cases(max_d=12), data=st.data())
+def test_streaming_any_split_equals_one_shot(case: Case, data: st.DataObject) -> None:
+    cuts = sorted(data.draw(st.lists(st.integers(0, case.n), max_size=5)))
+    bounds = [0, *cuts, case.n]
+    streamed = Stats(case.d, qr=True)
+    for a, b in itertools.pairwise(bounds):
+        streamed.update(case.X[a:b], case.Y[a:b])
+    whole = Stats(case.d, qr=True).update(case.X, case.Y)
+    _same(streamed, whole)
+    # TSQR factors differ by row signs; their Gram matrices agree
+    R1, R2 = streamed.r_factor, whole.r_factor
+    assert R1 is not None and R2 is not None
+    assert torch.allclose(R1.T @ R1, R2.T @ R2, rtol=1e-10, atol=1e-10 * float((R2.T @ R2).abs().max()))
+    if case.cond_x <= 1e4:  # beyond, the fits amplify the 1e-16 differences of the summation order
+        for solver in ("cholesky", "qr", "svd"):
+            if case.n < case.d and solver != "svd":
+                continue
+            f1, f2 = ghostsolve.fit(streamed, solver=solver), ghostsolve.fit(whole, solver=solver)
+            assert f1.objective == pytest.approx(f2.objective, rel=1e-6, abs=1e-9 * float(whole.dtd))
+
+
+@given(case=cases(max_d=10, allow_wide=False), data=st.data())
+def test_merge_associative_and_order_independent(case: Case, data: st.DataObject) -> None:
+    i, j = sorted(data.draw(st.lists(st.integers(0, case.n), min_size=2, max_size=2)))
+    qr = data.draw(st.booleans())
+    parts = [Stats(case.d, qr=qr).update(case.X[a:b], case.Y[a:b]) for a, b in ((0, i), (i, j), (j, case.n))]
+    a, b, c = parts
+    left, right, rev = (a + b) + c, a + (b + c), c.merge(b).merge(a)
+    total = sum(parts)
+    assert isinstance(total, Stats)
+    whole = Stats(case.d, qr=qr).update(case.X, case.Y)
+    for s in (left, right, rev, total):
+        _same(s, whole)
+        if case.cond_x <= 1e4:
+            assert ghostsolve.fit(s).objective == pytest.approx(ghostsolve.fit(whole).objective, rel=1e-8)
+    # merge returns a new object and leaves its inputs alone
+    assert a.n_rows == i and left is not a
+
+
+def test_all_reduce_of_tensors_equals_merge() -> None:
+    case = make_case(0, 60, 8)
+    a = Stats(8).update(case.X[:25], case.Y[:25])
+    b = Stats(8).update(case.X[25:], case.Y[25:])
+    merged = a + b
+    for name, t in a.tensors().items():  # what all_reduce(SUM) does on rank 0, in place
+        t.add_(b.tensors()[name])
+    _same(a, merged)
+    assert "r_factor" not in a.tensors()
+
+
+def test_weights_mask_and_multiplicity() -> None:
+    case = make_case(3, 40, 6)
+    mask = torch.zeros(40)
+    mask[::3] = 1
+    masked = Stats(6).update(case.X, case.Y, weights=mask)
+    kept = Stats(6).update(case.X[::3], case.Y[::3])
+    _same(masked, kept)
+    assert masked.n_rows == 14
+    doubled = Stats(6, qr=True).update(case.X, case.Y, weights=torch.full((40,), 2.0))
+    twice = Stats(6, qr=True).update(case.X, case.Y).update(case.X, case.Y)
+    _same(doubled, twice)
+    f = ghostsolve.fit(case.X, case.Y, weights=mask)
+    g = ghostsolve.fit(case.X[::3], case.Y[::3])
+    assert torch.allclose(f.delta, g.delta, atol=1e-10)
+
+
+def test_leading_dimensions_are_flattened_with_weights() -> None:
+    case = make_case(5, 24, 4)
+    X3, Y3 = case.X.reshape(2, 12, 4), case.Y.reshape(2, 12, 4)
+    mask = torch.ones(2, 12)
+    mask[1, 6:] = 0
+    s = Stats(4).update(X3, Y3, weights=mask)
+    _same(
+        s, Stats(4).update(torch.cat([case.X[:12], case.X[12:18]]), torch.cat([case.Y[:12], case.Y[12:18]]))
+    )
+
+
+def test_inputs_are_never_mutated() -> None:
+    case = make_case(6, 30, 8)
+    X, Y = case.X.half(), case.Y.half()
+    w = torch.rand(30)
+    copies = [t.clone() for t in (X, Y, w)]
+    Stats(8, qr=True).update(X, Y, weights=w)
+    ghostsolve.fit(X, Y, weights=w, solver="qr")
+    ghostsolve.fit(X, Y, family="hadamard-magnitude")
+    for t, c in zip((X, Y, w), copies, strict=True):
+        assert torch.equal(t, c)
+
+
+def test_numpy_and_mixed_precision_inputs() -> None:
+    case = make_case(7, 50, 6)
+    a = Stats(6).update(case.X.numpy(), case.Y.numpy())
+    _same(a, Stats(6).update(case.X, case.Y))
+    b = Stats(6).update(case.X.float(), case.Y.float())
+    _same(b, Stats(6).update(case.X.float().double(), case.Y.float().double()))
+
+
+def test_fast_mode_products_in_float32() -> None:
+    case = make_case(8, 3000, 16, 10.0)
+    fast = Stats(16, product_dtype=torch.float32).update(case.X.float(), case.Y.float())
+    ref = Stats(16).update(case.X.float(), case.Y.float())
+    assert fast.xtx.dtype == torch.float64
+    _same(fast, ref, rtol=1e-5)
+
+
+def test_state_dict_roundtrip_and_to() -> None:
+    case = make_case(9, 40, 12)
+    s = Stats(12, qr=True).update(case.X, case.Y)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    t = Stats.from_state_dict(torch.load(buf))
+    _same(s, t, rtol=0)
+    assert t.qr and torch.equal(t.r_factor, s.r_factor)  # type: ignore[arg-type]
+    u = s.to("cpu")
+    u.xtx.zero_()
+    assert s.xtx.abs().max() > 0  # a copy
+    with pytest.raises(GhostsolveError, match="not a Stats state dict"):
+        Stats.from_state_dict({"xtx": s.xtx})
+    bad = s.state_dict()
+    bad["xtx"] = torch.zeros(3, 3)
+    with pytest.raises(GhostsolveError, match=r"entry 'xtx' is \(3, 3\), expected \(12, 12\)"):
+        Stats.from_state_dict(bad)
+    bad = s.state_dict()
+    del bad["xtd"]
+    with pytest.raises(GhostsolveError, match="lacks 'xtd'"):
+        Stats.from_state_dict(bad)
+
+
+def test_hadamard_sums_only_for_supported_sizes() -> None:
+    assert Stats(12).xh_abs_sum is not None
+    assert Stats(14).xh_abs_sum is None and "xh_abs_sum" not in Stats(14).tensors()
+
+
+def test_nonfinite_rows_named() -> None:
+    case = make_case(10, 20, 4)
+    X = case.X.clone()
+    X[7, 1] = float("nan")
+    X[12, 0] = float("inf")
+    s = Stats(4)
+    with pytest.raises(
+        GhostsolveError, match=r"2 of 20 rows.*first bad row 7 \(in X.*fp16/bf16 overflow.*fp32"
+    ):
+        s.update(X, case.Y)
+    assert s.n_rows == 0  # nothing half-done
+    Y = case.Y.clone()
+    Y[3] = float("nan")
+    with pytest.raises(GhostsolveError, match=r"1 of 20 rows.*first bad row 3 \(in Y"):
+        ghostsolve.fit(case.X, Y)
+
+
+def test_shape_dtype_and_argument_errors() -> None:
+    s = Stats(4)
+    with pytest.raises(GhostsolveError, match=r"X is \(5, 3\) but these Stats have dim=4"):
+        s.update(torch.zeros(5, 3), torch.zeros(5, 3))
+    with pytest.raises(GhostsolveError, match=r"X is \(5, 4\) but Y is \(6, 4\); both must be \(n_tokens"):
+        s.update(torch.zeros(5, 4), torch.zeros(6, 4))
+    with pytest.raises(GhostsolveError, match=r"X has dtype torch.float32 but Y has dtype torch.float64"):
+        s.update(torch.zeros(5, 4), torch.zeros(5, 4, dtype=torch.float64))
+    with pytest.raises(GhostsolveError, match=r"X has dtype torch.int64; pass real floating-point"):
+        s.update(torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, 4))
+    with pytest.raises(GhostsolveError, match=r"X must be a torch.Tensor or numpy array, got list"):
+        s.update([[0.0] * 4], torch.zeros(1, 4))
+    with pytest.raises(GhostsolveError, match=r"weights is \(4,\) but X is \(5, 4\)"):
+        s.update(torch.zeros(5, 4), torch.zeros(5, 4), weights=torch.ones(4))
+    with pytest.raises(GhostsolveError, match=r"finite and nonnegative.*min seen -1"):
+        s.update(torch.zeros(5, 4), torch.zeros(5, 4), weights=-torch.ones(5))
+    with pytest.raises(GhostsolveError, match="dim must be a positive int"):
+        Stats(0)
+    with pytest.raises(GhostsolveError, match=r"dtype=torch.float16 is not supported; use torch.float64"):
+        Stats(4, dtype=torch.float16)
+    with pytest.raises(GhostsolveError, match=r"product_dtype=torch.int32 is not a floating-point dtype"):
+        Stats(4, product_dtype=torch.int32)
+    with pytest.raises(GhostsolveError, match="cannot merge Stats of dim 4 and 5"):
+        Stats(4) + Stats(5)
+    with pytest.raises(GhostsolveError, match="qr=False and qr=True: the TSQR factor would be lost"):
+        Stats(4) + Stats(4, qr=True)
+    with pytest.raises(GhostsolveError, match="can only merge Stats with Stats, got int"):
+        Stats(4).merge(3)  # type: ignore[arg-type]
+    assert s.n_rows == 0
+
+
+def test_half_precision_product_overflow_is_caught() -> None:
+    X = torch.full((64, 4), 200.0)
+    s = Stats(4, product_dtype=torch.float16)
+    with pytest.raises(
+        GhostsolveError, match=r"overflowed in product_dtype=torch.float16.*use product_dtype=torch.float32"
+    ):
+        s.update(X, X)
+    assert s.n_rows == 0 and float(s.xtx.abs().max()) == 0.0
+
+
+def test_empty_chunk_is_a_no_op() -> None:
+    s = Stats(4).update(torch.zeros(0, 4), torch.zeros(0, 4))
+    assert s.n_rows == 0
+    with pytest.raises(GhostsolveError, match="hold no rows"):
+        ghostsolve.fit(s)
+    assert np.isclose(Stats(3).update(torch.ones(2, 3), torch.ones(2, 3)).n_rows, 2)
