@@ -95,7 +95,7 @@ class DistributedContext:
 
     @property
     def is_distributed(self) -> bool:
-        """True when a process group with more than zero peers is in use."""
+        """True when this process is part of a ``torch.distributed`` process group (even of size 1)."""
         return self.backend is not None
 
 
