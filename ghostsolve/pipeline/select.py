@@ -19,30 +19,33 @@ quantity the papers define, and this module does not reproduce it.
 
 Strategies (``STRATEGIES``)
 ---------------------------
-=================  =====  ===========================================================================
-name               unit   score and rule
-=================  =====  ===========================================================================
-block-influence    layer  ShortGPT: ``BI_l = 1 - mean_t cos(h_l, h_{l+1})``; remove the ``n`` lowest
-                          (possibly non-contiguous).
-angular            block  Gromov et al.: ``d_l = mean_t arccos(cos(h_l, h_{l+n})) / pi``; remove the
-                          block ``l .. l+n-1`` with the smallest distance. ``last_token=True`` uses only
-                          the last (non-padding) token of each sequence, as the paper does.
-streamline         block  LLM-Streamline: ``s_l = mean_t cos(h_l, h_{l+n})``; remove the block with the
-                          highest similarity.
-sleb               layer  SLEB: iterative and greedy; each round removes the layer whose (additional)
-                          removal gives the lowest calibration perplexity, recomputed after each removal.
-ppl                layer  Shortened LLaMA (PPL): calibration perplexity with each layer removed alone;
-                          remove the ``n`` lowest, one shot.
-taylor             layer  Shortened LLaMA (Taylor+): ``sum |w * dL/dw|`` over the layer's parameters;
-                          remove the ``n`` lowest among layers outside the first ``keep_first`` and last
-                          ``keep_last`` (the "+" heuristic).
-recoverable        block  New: ``min_W sum_t ||h_l W - h_{l+n}||^2 / sum_t ||h_{l+n}||^2``, the residual
-                          of the ghost (``family="full"``) fit of block ``(l, l+n)`` relative to the
-                          stream, for every block from one pass of statistics; remove the smallest.
-                          (``normalize="block"`` divides by ``sum_t ||h_{l+n} - h_l||^2`` instead.)
-recoverable-ppl    block  New: the ``top_k`` best ``recoverable`` blocks, re-ranked by calibration
-                          perplexity after ghost recovery.
-=================  =====  ===========================================================================
+==================  =====  ===========================================================================
+name                unit   score and rule
+==================  =====  ===========================================================================
+block-influence     layer  ShortGPT: ``BI_l = 1 - mean_t cos(h_l, h_{l+1})``; remove the ``n`` lowest
+                           (possibly non-contiguous).
+angular             block  Gromov et al.: ``d_l = mean_t arccos(cos(h_l, h_{l+n})) / pi``; remove the
+                           block ``l .. l+n-1`` with the smallest distance. ``last_token=True`` uses only
+                           the last (non-padding) token of each sequence, as the paper does.
+streamline          block  LLM-Streamline: ``s_l = mean_t cos(h_l, h_{l+n})``; remove the block with the
+                           highest similarity.
+sleb                layer  SLEB: iterative and greedy; each round removes the layer whose (additional)
+                           removal gives the lowest calibration perplexity, recomputed after each removal.
+ppl                 layer  Shortened LLaMA (PPL): calibration perplexity with each layer removed alone;
+                           remove the ``n`` lowest, one shot.
+taylor              layer  Shortened LLaMA (Taylor+): ``sum |w * dL/dw|`` over the layer's parameters;
+                           remove the ``n`` lowest among layers outside the first ``keep_first`` and last
+                           ``keep_last`` (the "+" heuristic).
+recoverable         block  New: ``min_W sum_t ||h_l W - h_{l+n}||^2 / sum_t ||h_{l+n}||^2``, the residual
+                           of the ghost (``family="full"``) fit of block ``(l, l+n)`` relative to the
+                           stream, for every block from one pass of statistics; remove the smallest.
+                           (``normalize="block"`` divides by ``sum_t ||h_{l+n} - h_l||^2`` instead.)
+recoverable-ppl     block  New: the ``top_k`` best ``recoverable`` blocks, re-ranked by calibration
+                           perplexity after ghost recovery.
+recoverable-greedy  layer  New: SLEB's iterative greedy search, but each candidate removal set is
+                           ghost-recovered (fitted on the calibration batches) before its calibration
+                           perplexity is measured; may remove non-contiguous layers.
+==================  =====  ===========================================================================
 
 ``Selection.scores`` is indexed by layer (length ``L``) for unit ``layer`` and by block start ``l``
 (length ``L - n + 1``, block ``l .. l+n-1``) for unit ``block``.
@@ -190,7 +193,7 @@ class _Context:
     adapter: ModelAdapter
     layers: nn.ModuleList
     norm: nn.Module
-    batches: list[Batch]
+    batches: list[Mapping[str, Tensor]]
 
     @property
     def num_layers(self) -> int:
@@ -507,7 +510,15 @@ def _run_ppl(ctx: _Context, num_drop: int) -> tuple[list[float], list[int], dict
     return scores, sorted(_argsort(scores)[:num_drop]), {"dense_perplexity": dense}
 
 
-def _run_sleb(ctx: _Context, num_drop: int) -> tuple[list[float], list[int], dict[str, Any]]:
+def _greedy(
+    ctx: _Context, num_drop: int, removal_ppl: Callable[[list[int]], float], label: str
+) -> tuple[list[float], list[int], dict[str, Any]]:
+    """Remove one layer per round: the one whose removal (with those already removed) scores lowest.
+
+    A layer once removed is never a candidate again, so the rounds remove ``num_drop`` distinct layers.
+    Returns the first round's scores (every layer removed alone), the removed layers, and every round's
+    scores (``None`` for layers already removed).
+    """
     dense = _ppl(_calibration_nll(ctx.model, ctx.batches))
     removed: list[int] = []
     rounds: list[list[float | None]] = []
@@ -515,16 +526,20 @@ def _run_sleb(ctx: _Context, num_drop: int) -> tuple[list[float], list[int], dic
     for r in range(num_drop):
         candidates = [layer for layer in range(ctx.num_layers) if layer not in removed]
         row: list[float | None] = [None] * ctx.num_layers
-        for layer in tqdm(candidates, desc=f"sleb round {r + 1}/{num_drop}", leave=False, disable=None):
-            row[layer] = _ppl_without(ctx, [*removed, layer])
+        for layer in tqdm(candidates, desc=f"{label} round {r + 1}/{num_drop}", leave=False, disable=None):
+            row[layer] = removal_ppl([*removed, layer])
         best = min(candidates, key=lambda layer: (row[layer], layer))
         removed.append(best)
-        rounds.append([v if v is None or math.isfinite(v) else None for v in row])
+        rounds.append(row)
         if r == 0:
             first_round = [float(v) for v in row]  # type: ignore[arg-type]
-        logger.info("sleb round %d removes layer %d (calibration ppl %.4g)", r + 1, best, row[best])
+        logger.info("%s round %d removes layer %d (calibration ppl %.4g)", label, r + 1, best, row[best])
     details = {"dense_perplexity": dense, "removal_order": removed, "rounds": rounds}
     return first_round, sorted(removed), details
+
+
+def _run_sleb(ctx: _Context, num_drop: int) -> tuple[list[float], list[int], dict[str, Any]]:
+    return _greedy(ctx, num_drop, lambda removed: _ppl_without(ctx, removed), "sleb")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -715,8 +730,6 @@ def _run_recoverable_ppl(
     max_stats_bytes: int = _DEFAULT_MAX_STATS_BYTES,
     normalize: str = "stream",
 ) -> tuple[list[float], list[int], dict[str, Any]]:
-    from ghostsolve.pipeline.recover import recover
-
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise GhostsolveError(f"top_k must be a positive int, got {top_k!r}")
     residuals, details = _recoverable_residuals(
@@ -730,20 +743,37 @@ def _run_recoverable_ppl(
     shortlist = _argsort(residuals)[:top_k]
     scores = [math.nan] * len(residuals)
     for start in tqdm(shortlist, desc="recoverable-ppl: ghost recovery", leave=False, disable=None):
-        recovery = recover(
-            ctx.model,
-            _block(start, num_drop),
-            ctx.batches,
-            method="ghost",
-            ridge=ridge,
-            skip_first_token=skip_first_token,
-            progress=False,
+        scores[start] = _ghost_recovered_ppl(
+            ctx, _block(start, num_drop), ridge=ridge, skip_first_token=skip_first_token
         )
-        scores[start] = _ppl(_calibration_nll(recovery.model, ctx.batches))
-        del recovery
     best = min(shortlist, key=lambda s: (scores[s], s))
     details.update({"relative_residuals": residuals, "shortlist": shortlist, "top_k": top_k})
     return scores, _block(best, num_drop), details
+
+
+def _ghost_recovered_ppl(ctx: _Context, removed: list[int], *, ridge: float, skip_first_token: bool) -> float:
+    """Calibration perplexity of a copy of the model with ``removed`` removed and ghost-recovered."""
+    from ghostsolve.pipeline.recover import recover
+
+    recovery = recover(
+        ctx.model,
+        sorted(removed),
+        ctx.batches,
+        method="ghost",
+        ridge=ridge,
+        skip_first_token=skip_first_token,
+        progress=False,
+    )
+    return _ppl(_calibration_nll(recovery.model, ctx.batches))
+
+
+def _run_recoverable_greedy(
+    ctx: _Context, num_drop: int, *, ridge: float = 0.0, skip_first_token: bool = False
+) -> tuple[list[float], list[int], dict[str, Any]]:
+    def removal_ppl(removed: list[int]) -> float:
+        return _ghost_recovered_ppl(ctx, removed, ridge=ridge, skip_first_token=skip_first_token)
+
+    return _greedy(ctx, num_drop, removal_ppl, "recoverable-greedy")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -826,6 +856,15 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(
                 "ghostsolve",
                 _run_recoverable_ppl,
             ),
+            Strategy(
+                "recoverable-greedy",
+                "layer",
+                "calibration perplexity after ghost recovery (round 1)",
+                "lowest",
+                ("skip_first_token", "ridge"),
+                "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
+                _run_recoverable_greedy,
+            ),
         )
     }
 )
@@ -897,7 +936,9 @@ def select_layers(
         raise GhostsolveError("no calibration batches were given; pass at least one batch of token ids")
     for batch in batch_list:
         _unpack(batch)
-    ctx = _Context(model=model, adapter=adapter, layers=layers, norm=norm, batches=batch_list)
+    # Bare input_ids become {"input_ids": ...}, the batch form capture and recovery take.
+    batch_list_dicts = [{"input_ids": b} if isinstance(b, Tensor) else b for b in batch_list]
+    ctx = _Context(model=model, adapter=adapter, layers=layers, norm=norm, batches=batch_list_dicts)
     scores, selected, details = spec.run(ctx, num_drop, **options)
     if len(set(selected)) != num_drop:  # a broken rule must not silently remove fewer layers
         raise AssertionError(f"strategy {strategy!r} selected {selected} for num_drop={num_drop}")

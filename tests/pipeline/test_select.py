@@ -291,12 +291,17 @@ def test_planted_redundant_layers_found_by_every_strategy(
 # ---------------------------------------------------------------------------------------------------------
 # iterative rules, invariants, the model left unmodified
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_drop", [1, 3, 5])
-def test_sleb_never_removes_a_layer_twice(num_drop: int) -> None:
+ITERATIVE = ("sleb", "recoverable-greedy")
+
+
+@pytest.mark.parametrize("strategy", ITERATIVE)
+@pytest.mark.parametrize("num_drop", [2, 5])
+def test_iterative_rules_never_remove_a_layer_twice(strategy: str, num_drop: int) -> None:
     model = tiny_model("llama", num_layers=6)
-    sel = select_layers(model, random_batches(pad=True), "sleb", num_drop)
+    sel = select_layers(model, random_batches(pad=True), strategy, num_drop)
     order = sel.details["removal_order"]
     assert len(order) == len(set(order)) == num_drop
+    assert sel.selected == sorted(order)
     for r, row in enumerate(sel.details["rounds"]):
         assert [l for l, v in enumerate(row) if v is None] == sorted(order[:r])
 
@@ -469,3 +474,24 @@ def test_options_from_args_passes_only_what_a_strategy_accepts() -> None:
     with pytest.raises(GhostsolveError, match="unknown selection strategy 'bi'"):
         options_from_args("bi")
     assert all(name in strategy_help() for name in STRATEGIES)
+
+
+def test_recoverable_greedy_is_greedy_on_ghost_recovered_perplexity() -> None:
+    from ghostsolve.pipeline.recover import recover
+
+    model = tiny_model("llama", num_layers=4)
+    batches = random_batches(n_batches=4, batch_size=4, seq_len=16, pad=True)
+    sel = select_layers(model, batches, "recoverable-greedy", 2)
+    removed: list[int] = []
+    for r in range(2):
+        row = {}
+        for l in range(4):
+            if l not in removed:
+                recovered = recover(model, sorted([*removed, l]), batches, method="ghost", progress=False)
+                row[l] = reference_ppl(recovered.model, batches, [])
+        got = sel.details["rounds"][r]
+        for l, value in row.items():
+            assert got[l] == pytest.approx(value, rel=1e-5)
+        removed.append(min(row, key=lambda l: (row[l], l)))
+    assert sel.details["removal_order"] == removed
+    assert sel.selected == sorted(removed)
