@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -207,6 +206,73 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+NEW_RULES = ("recoverable", "recoverable-ppl", "recoverable-greedy")
+
+
+def is_published(label: str) -> bool:
+    return not label.startswith("recoverable")
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Per model and n: each new rule against the best and the median published rule (ghost perplexity)."""
+    lines = []
+    for res in results:
+        for n, b in res["by_n"].items():
+            published = sorted((r for r in b["rows"] if is_published(r["label"])), key=lambda r: r["ghost"])
+            best = published[0]
+            median = (
+                published[len(published) // 2]["ghost"]
+                if len(published) % 2
+                else (published[len(published) // 2 - 1]["ghost"] + published[len(published) // 2]["ghost"])
+                / 2
+            )
+            for rule in NEW_RULES:
+                row = next((r for r in b["rows"] if r["label"] == rule), None)
+                if row is None:
+                    continue
+                lines.append(
+                    f"{res['model']} seed {res.get('seed', 0)} n={n}: {rule} {row['selected']} "
+                    f"{row['ghost']:.3f}; best published {best['label']} {best['selected']} "
+                    f"{best['ghost']:.3f} ({(row['ghost'] / best['ghost'] - 1) * 100:+.1f}%); "
+                    f"median published {median:.3f} ({(row['ghost'] / median - 1) * 100:+.1f}%)"
+                )
+    return "\n".join(lines)
+
+
+def aggregate(results: list[dict[str, Any]]) -> str:
+    """Mean held-out ghost perplexity per strategy over seeds, per model and n (markdown)."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for res in results:
+        by_model.setdefault(res["model"], []).append(res)
+    lines = []
+    for model, runs in by_model.items():
+        ns = list(runs[0]["by_n"])
+        seeds = [r.get("seed", 0) for r in runs]
+        lines.append(f"#### {model}: mean over seeds {seeds}")
+        lines.append("")
+        lines.append("| strategy | " + " | ".join(f"n={n}: mean ghost ppl | picks" for n in ns) + " |")
+        lines.append("|" + "---|" * (1 + 2 * len(ns)))
+        labels = [r["label"] for r in runs[0]["by_n"][ns[0]]["rows"]]
+        for i, label in enumerate(labels):
+            cells = [label]
+            for n in ns:
+                vals = [run["by_n"][n]["rows"][i]["ghost"] for run in runs]
+                picks = sorted({str(run["by_n"][n]["rows"][i]["selected"]) for run in runs})
+                cells += [f"{sum(vals) / len(vals):.3f}", " ".join(picks)]
+            lines.append("| " + " | ".join(cells) + " |")
+        cells = ["best contiguous block (oracle)"]
+        for n in ns:
+            vals = [run["by_n"][n]["best_block_ghost"] for run in runs]
+            picks = sorted({str(run["by_n"][n]["best_block"]) for run in runs})
+            cells += [f"{sum(vals) / len(vals):.3f}", " ".join(picks)]
+        lines.append("| " + " | ".join(cells) + " |")
+        dense = [run["dense_perplexity"] for run in runs]
+        lines.append("")
+        lines.append(f"Dense perplexity, mean over seeds: {sum(dense) / len(dense):.3f}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,7 +288,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: print the tables and summary of earlier --json outputs (several seeds)",
+    )
     args = parser.parse_args()
+    if args.render:
+        loaded = [res for path in args.render for res in json.loads(path.read_text())]
+        print(markdown(loaded))
+        print(aggregate(loaded))
+        print(summary(loaded))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -243,18 +323,7 @@ def main() -> None:
     if args.markdown:
         args.markdown.write_text(table + "\n")
     print(table)
-    for res in results:
-        for n, b in res["by_n"].items():
-            published = [r for r in b["rows"] if not r["label"].startswith("recoverable")]
-            best_pub = min(published, key=lambda r: r["ghost"])
-            rec = next(r for r in b["rows"] if r["label"] == "recoverable")
-            rel = (rec["ghost"] / best_pub["ghost"] - 1) * 100
-            print(
-                f"{res['model']} n={n}: recoverable {rec['ghost']:.3f} vs best published "
-                f"({best_pub['label']}) {best_pub['ghost']:.3f}: {rel:+.1f}%"
-                if math.isfinite(rel)
-                else ""
-            )
+    print(summary(results))
 
 
 if __name__ == "__main__":
