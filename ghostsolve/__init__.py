@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .diagnostics import Diagnostics, PrecisionTable, compare_precisions, diagnose
 from .errors import GhostsolveError, IllConditionedWarning, NumericalError
 from .families import FAMILIES
 from .fit import Fit, FitDiagnostics, fit, ridge_path
@@ -23,14 +24,18 @@ from .stats import Stats
 __all__ = [
     "FAMILIES",
     "SOLVERS",
+    "Diagnostics",
     "Fit",
     "FitDiagnostics",
     "GhostsolveError",
     "IllConditionedWarning",
     "NumericalError",
+    "PrecisionTable",
     "SolverChoice",
     "Stats",
     "choose_solver",
+    "compare_precisions",
+    "diagnose",
     "fit",
     "load",
     "ridge_path",

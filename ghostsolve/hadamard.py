@@ -132,7 +132,8 @@ def _sylvester(order: int) -> torch.Tensor:
 def hadamard_factors(d: int) -> tuple[int, ...] | None:
     """Orders ``(m, 2^a, 2^b, ...)`` whose Kronecker product builds the Hadamard matrix of order ``d``.
 
-    Returns ``None`` when ``d`` is not supported. A power of two gives only Sylvester factors.
+    Returns ``None`` when ``d`` is not supported. A power of two gives only Sylvester (Walsh–Hadamard)
+    factors; otherwise the first factor is the Paley order.
     """
     if d < 1:
         return None
@@ -173,9 +174,10 @@ def _factor_matrices(d: int, dtype: torch.dtype, device: torch.device | None) ->
     factors = hadamard_factors(d)
     if factors is None:
         raise GhostsolveError(_supported_message(d))
+    paley_first = (d >> ((d & -d).bit_length() - 1)) != 1  # d has an odd factor: the first is Paley
     mats = []
-    for f in factors:
-        H = paley_hadamard(f) if f in _PALEY else _sylvester(f)
+    for i, f in enumerate(factors):
+        H = paley_hadamard(f) if (i == 0 and paley_first) else _sylvester(f)
         mats.append((H / math.sqrt(f)).to(dtype=dtype, device=device))
     return mats
 
