@@ -35,6 +35,7 @@ def sample(model: nn.Module, n: int, seed: int) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(
             bos,
+            attention_mask=torch.ones_like(bos),
             do_sample=True,
             top_k=0,
             top_p=1.0,
