@@ -27,11 +27,13 @@ DEFAULT_DEMO_OUT = "ghostsolve-demo-out"
 DEMO_SAVED_METHOD = "ghost"
 _EXIT_ERROR = 2
 
-# Demo sizes: the bundled model has 256 positions and hidden size 128, so 32 calibration sequences of
-# 256 tokens (8,192 rows for a 128x128 operator) fit every family well, and sampling plus a dozen
-# evaluations stay around a minute on 2 CPU cores.
+# Demo sizes: the bundled model has hidden size 128 and 256 positions. 32 calibration sequences of 128
+# tokens give 4,064 rows per boundary (32x the hidden size: every family is well determined), and the
+# same again for evaluation keeps self-sampling (one batch, 127 decoding steps) and a dozen evaluations
+# around a minute on 2 CPU cores.
 DEMO_NUM_CALIB = 32
 DEMO_NUM_EVAL = 32
+DEMO_SEQ_LEN = 128
 DEMO_NUM_DROP = 2
 # Self-sampled evaluation sets when no --eval-text is given (prune/eval).
 DEFAULT_SELF_EVAL = 16
@@ -97,6 +99,11 @@ def _methods(spec: str) -> list[str]:
     return names
 
 
+def _demo_methods(methods: Sequence[str]) -> list[str]:
+    """Every method once: ``full`` is dropped when ``ghost`` (the same unconstrained fit) is present."""
+    return [m for m in methods if not (m == "full" and "ghost" in methods)]
+
+
 def _positive(value: str) -> int:
     try:
         number = int(value)
@@ -110,7 +117,7 @@ def _positive(value: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # shared option groups
 # ---------------------------------------------------------------------------------------------
-def _add_runtime(parser: argparse.ArgumentParser) -> None:
+def _add_runtime(parser: argparse.ArgumentParser, *, batch_size: int = 8, threads: int | None = None) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--device",
@@ -124,10 +131,25 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
         help="model weight dtype; auto keeps the checkpoint's dtype. Statistics are fp64 regardless",
     )
     group.add_argument(
-        "--batch-size", type=_positive, default=8, help="sequences per forward pass (default: 8)"
+        "--batch-size",
+        type=_positive,
+        default=batch_size,
+        help=f"sequences per forward pass and per sampling batch (default: {batch_size})",
     )
     group.add_argument(
         "--seed", type=int, default=0, help="seed of window selection and self-sampling (default: 0)"
+    )
+    group.add_argument(
+        "--threads",
+        type=_positive,
+        default=threads,
+        help="CPU threads for torch during this command (default: "
+        + (
+            "torch's own choice)"
+            if threads is None
+            else f"{threads}: the demo model's matrices are small, and one thread avoids the "
+            "synchronisation cost that dominates them, above all on a busy machine)"
+        ),
     )
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -163,7 +185,9 @@ def _add_calibration(parser: argparse.ArgumentParser, *, required: bool) -> None
     )
 
 
-def _add_evaluation(parser: argparse.ArgumentParser, *, num_eval_default: int | None) -> None:
+def _add_evaluation(
+    parser: argparse.ArgumentParser, *, num_eval_default: int | None, seq_len_default: int | None = None
+) -> None:
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
         "--eval-text",
@@ -189,9 +213,13 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, num_eval_default: int | 
     group.add_argument(
         "--seq-len",
         type=_positive,
-        default=None,
-        help="tokens per window for calibration and evaluation (default: min(2048, the model's maximum "
-        "positions))",
+        default=seq_len_default,
+        help="tokens per window for calibration and evaluation (default: "
+        + (
+            "min(2048, the model's maximum positions))"
+            if seq_len_default is None
+            else f"{seq_len_default}, a short context that keeps the demo fast; the model has 256)"
+        ),
     )
 
 
@@ -324,7 +352,7 @@ def _calibration_windows(args: argparse.Namespace, model: Any, tokenizer: Any, s
         args.num_calib,
         seq_len,
         seed=data.self_sampling_seed(args.seed, "calibration"),
-        batch_size=max(args.batch_size, 16),
+        batch_size=args.batch_size,
         progress=progress,
         desc="sampling calibration",
     )
@@ -343,7 +371,7 @@ def _evaluation_windows(args: argparse.Namespace, model: Any, tokenizer: Any, se
         args.num_eval or DEFAULT_SELF_EVAL,
         seq_len,
         seed=data.self_sampling_seed(args.seed, "evaluation"),
-        batch_size=max(args.batch_size, 16),
+        batch_size=args.batch_size,
         progress=not args.no_progress,
         desc="sampling evaluation",
     )
@@ -715,7 +743,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
-    methods = _methods(args.recover) if args.recover else list(METHODS)
+    methods = _methods(args.recover) if args.recover else _demo_methods(METHODS)
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")
     model, tokenizer = _load_model(str(model_dir), args)
@@ -916,8 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--skip-first-token", action="store_true", help="exclude the BOS position from the statistics"
     )
-    _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL)
-    _add_runtime(demo)
+    _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL, seq_len_default=DEMO_SEQ_LEN)
+    _add_runtime(demo, batch_size=DEMO_NUM_CALIB, threads=1)
     demo.set_defaults(func=_cmd_demo)
 
     conv = sub.add_parser(
@@ -963,6 +991,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else _EXIT_ERROR
     _configure_logging(args)
     func: Callable[[argparse.Namespace], int] = args.func
+    threads = getattr(args, "threads", None)
+    previous_threads = None
+    if threads is not None:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -973,6 +1008,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ghostsolve: error: {_one_line(exc)}", file=sys.stderr)
         return _EXIT_ERROR
+    finally:
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":  # pragma: no cover
