@@ -192,7 +192,7 @@ def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None 
         raise GhostsolveError(f"cannot write the plot to {str(target)!r}: its folder does not exist")
     names = list(result.methods)
     values = [result.methods[n].perplexity for n in names]
-    fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2.5), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 0.7 * len(names) + 4.0), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colors = [
@@ -212,9 +212,15 @@ def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None 
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title or f"{result.model}: layers {result.removed} removed")
-    finite = [v for v in [*values, result.dense_perplexity] if math.isfinite(v)]
-    if finite and max(finite) / max(min(finite), 1e-12) > 20:
+    finite = [v for v in [*values, result.dense_perplexity] if math.isfinite(v) and v > 0]
+    if finite and max(finite) / min(finite) > 20:
         ax.set_yscale("log")
-    ax.legend(loc="upper right", fontsize=8)
+    elif finite:
+        # Perplexities of a recovered model sit close to the dense one; a zero baseline would flatten
+        # exactly the differences the plot is for.
+        span = max(finite) - min(finite)
+        ax.set_ylim(max(0.0, min(finite) - 0.5 * span - 0.02 * min(finite)), max(finite) + 0.15 * span + 1e-9)
+        ax.set_ylabel("perplexity (lower is better; axis not from 0)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.savefig(target, format="png", dpi=120)
     return target
