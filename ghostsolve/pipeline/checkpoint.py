@@ -470,6 +470,13 @@ def load(
     -------
     transformers PreTrainedModel, in eval mode.
 
+    Notes
+    -----
+    In float32 the loaded model's logits are bit-identical to the in-memory model's (tested on CPU). In
+    bf16/fp16 they can differ in the last bits from a model cast in memory with ``model.to(dtype)``:
+    that cast also rounds non-persistent float buffers (the rotary ``inv_freq``) which ``from_pretrained``
+    rebuilds in float32 — plain transformers models without ghost operators show the same difference.
+
     Raises
     ------
     GhostsolveError
