@@ -312,11 +312,14 @@ def accumulate(
                 f"weights must be {tuple(X.shape[:-1])}"
             )
         w = w.reshape(-1)
-    # Check everything first so that a bad row late in the data does not leave work half-done.
-    Stats._check_finite(X2, Y2)
-    for start in range(0, X2.shape[0], chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        stats.update(X2[sl], Y2[sl], None if w is None else w[sl])
+    try:
+        for start in range(0, X2.shape[0], chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            stats.update(X2[sl], Y2[sl], None if w is None else w[sl])
+    except GhostsolveError as exc:
+        if "non-finite" in str(exc):
+            Stats._check_finite(X2, Y2)  # re-raise with row numbers counted over all of X, not the chunk
+        raise
     return stats
 
 

@@ -198,7 +198,6 @@ class Stats:
                     "weights must be finite and nonnegative (e.g. a 0/1 padding mask); "
                     f"min seen {float(w.min()):g}"
                 )
-        self._check_finite(X2, Y2)
         if n == 0:
             return self
         contrib = self._chunk(X2, Y2, w)
@@ -228,35 +227,48 @@ class Stats:
     def _chunk(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> dict[str, torch.Tensor]:
         d = self.dim
         pd = self.product_dtype
-        dev = X.device
         n = X.shape[0]
-        Z = torch.empty(n, 2 * d, dtype=pd, device=dev)
+        Z = torch.empty(n, 2 * d, dtype=pd, device=X.device)
         Xp, Dp = Z[:, :d], Z[:, d:]
         Xp.copy_(X)
         Dp.copy_(Y)
         Dp.sub_(Xp)
-        Yp = Y.to(pd)
+        wp = None if w is None else w.to(pd)
         out: dict[str, torch.Tensor] = {}
+        acc = self.dtype
 
-        def colsum(a: torch.Tensor) -> torch.Tensor:
-            return (w.to(pd) @ a if w is not None else a.sum(dim=0)).to(self.dtype)
+        def l1(a: torch.Tensor) -> torch.Tensor:
+            # Column sums of |a| within the chunk in a's precision (at least fp32; torch sums cascade, so
+            # the relative error is ~log2(n)·eps for these positive terms), accumulated across chunks in
+            # the statistics' dtype. A fp64 reduction of the whole chunk would cost ~10% of the products.
+            if wp is None:
+                part = a.abs().sum(dim=0, dtype=torch.promote_types(a.dtype, torch.float32))
+            else:
+                part = wp @ a.abs().to(pd)
+            return part.to(acc)
 
-        def total(a: torch.Tensor) -> torch.Tensor:
-            return colsum(a).sum()
-
-        out["count"] = (w.sum() if w is not None else torch.tensor(float(n))).to(self.dtype)
-        out["x_abs_sum"] = colsum(Xp.abs())
-        out["y_abs_sum"] = colsum(Yp.abs())
-        out["yty"] = total(Yp * Yp)
-        out["dtd"] = total(Dp * Dp)
+        out["x_abs_sum"] = l1(X)
+        out["y_abs_sum"] = l1(Y)
+        # A NaN/Inf anywhere in X or Y makes these sums non-finite: a cheap test before the detailed one.
+        if not (
+            bool(torch.isfinite(out["x_abs_sum"]).all()) and bool(torch.isfinite(out["y_abs_sum"]).all())
+        ):
+            self._check_finite(X, Y)
         if self.xh_abs_sum is not None:
-            out["xh_abs_sum"] = colsum(apply_hadamard(Xp).abs_())
-            out["yh_abs_sum"] = colsum(apply_hadamard(Yp).abs_())
-        del Yp
-        if w is not None:
-            Z.mul_(w.to(pd).sqrt().unsqueeze(1))
+            # The rotation runs in the input precision (at least fp32): these sums feed the LinearPatch-R
+            # heuristic, and rotation rounding (~1e-7 relative) is far below their sampling spread, while an
+            # fp64 rotation would cost about half as much as the products themselves.
+            rot = torch.promote_types(X.dtype, torch.float32)
+            out["xh_abs_sum"] = l1(apply_hadamard(X.to(rot)))
+            out["yh_abs_sum"] = l1(apply_hadamard(Y.to(rot)))
+        out["count"] = (w.sum() if w is not None else torch.tensor(float(n))).to(self.dtype)
+        if wp is not None:
+            Z.mul_(wp.sqrt().unsqueeze(1))
+        dtd = torch.linalg.vector_norm(Dp).square()
         P = _gram_products(Z, d)
-        if not bool(torch.isfinite(P).all()):
+        # the sum of finite fp32/fp64 products cannot overflow: a non-finite sum means an Inf/NaN inside
+        total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
+        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
             raise GhostsolveError(
                 f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} although the inputs are "
                 "finite; use product_dtype=torch.float32 or torch.float64"
@@ -264,6 +276,9 @@ class Stats:
         P = P.to(dtype=self.dtype, device=self.device)
         out["xtx"] = P[:, :d]
         out["xtd"] = P[:, d:]
+        out["dtd"] = dtd.to(self.dtype)
+        # Σ‖y‖² = Σ‖x‖² + 2 Σ x·(y − x) + Σ‖y − x‖²: read off the products instead of another pass
+        out["yty"] = torch.trace(out["xtx"]) + 2 * torch.trace(out["xtd"]) + out["dtd"]
         if self.qr:
             assert self.r_factor is not None
             out["r_factor"] = _tsqr_step(self.r_factor, Z.to(dtype=self.dtype, device=self.device))
