@@ -92,7 +92,7 @@ def format_table(result: RunResult) -> str:
                 _fmt(m.perplexity, ".3f"),
                 _fmt(ratio, ".3f"),
                 _fmt(m.relative_residual, ".4f"),
-                _fmt(m.fit_seconds, ".2f"),
+                _fmt(m.fit_seconds, ".3f"),
             )
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
