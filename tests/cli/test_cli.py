@@ -170,9 +170,8 @@ def test_demo_defaults_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     remote = AutoModelForCausalLM.from_pretrained(
         tmp_path / "ghostsolve-demo-out" / "model", trust_remote_code=True
     )
-    assert remote.config.num_hidden_layers == report.get(
-        "original_num_layers", remote.config.num_hidden_layers
-    )
+    dense_layers = json.loads((DEMO_MODEL_DIR / "config.json").read_text())["num_hidden_layers"]
+    assert remote.config.num_hidden_layers == dense_layers - len(report["removed"])
 
 
 def test_convert_llama2c(tmp_path, capsys):
