@@ -273,7 +273,7 @@ def test_recoverable_groups_candidates_under_a_memory_budget() -> None:
 def planted_models() -> dict[int, tuple[nn.Module, list[Any]]]:
     out = {}
     for n, layers in ((1, [3]), (2, [3, 4])):
-        model = planted(tiny_model("llama", num_layers=7, seed=1), layers)
+        model = planted(tiny_model("llama", num_layers=6, seed=1), layers)
         out[n] = (model, self_sampled_batches(model))
     return out
 
