@@ -15,6 +15,8 @@ import pytest
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
     if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
         return None
+    if parent.session.isinitpath(file_path):
+        return None  # named on the command line: pytest's own collector takes it
     patterns = parent.config.getini("python_files")
     if any(fnmatch.fnmatch(file_path.name, p) for p in patterns):
         return None
