@@ -775,9 +775,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run.extra["demo_model"] = str(model_dir)
     run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
     print(f"selection: layers {drop}, {rule}")
+    sampled = "sampled from the dense model"
     print(
-        f"data: {calib.shape[0]} calibration and {evalw.shape[0]} evaluation sequences of {seq_len} tokens "
-        f"({'text' if args.calib_text else 'sampled from the dense model'}; seed {args.seed})"
+        f"data: {calib.shape[0]} calibration sequences ({'text' if args.calib_text else sampled}), "
+        f"{evalw.shape[0]} evaluation sequences ({'text' if args.eval_text else sampled}), "
+        f"{seq_len} tokens each, seed {args.seed}"
     )
     print(format_table(run))
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
