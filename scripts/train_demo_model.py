@@ -251,6 +251,7 @@ def save(model: Any, tok: Tokenizer, out_dir: Path, figures: dict[str, Any]) -> 
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; this folder ships in the package
     model.save_pretrained(tmp, safe_serialization=True)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -267,6 +268,8 @@ def save(model: Any, tok: Tokenizer, out_dir: Path, figures: dict[str, Any]) -> 
         do_sample=False,
     ).save_pretrained(tmp)
     (tmp / "training_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    for path in tmp.iterdir():
+        path.chmod(0o644)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}-old")
         if old.exists():
