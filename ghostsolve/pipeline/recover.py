@@ -278,9 +278,14 @@ def _run_method(
 ) -> Recovery:
     adapter = plan.adapter
     family = family_of(method)
-    target = model if inplace else copy.deepcopy(model)
+    sequential = order == "sequential" and family is not None and len(plan.intervals) > 1
+    # Independent order fits everything before touching a model, so that a failing fit leaves even an
+    # ``inplace`` model unmodified; sequential order needs each interval applied before the next
+    # capture and works on a copy (inplace is refused there).
+    target = model if inplace else (copy.deepcopy(model) if sequential else None)
     fits: dict[Interval, Fit | None] = {}
     relres: dict[Interval, float] = {}
+    pending: list[tuple[Interval, int, int, Fit | None]] = []
     fit_seconds = 0.0
     capture_seconds = dense_capture_seconds
     offset = 0
@@ -288,7 +293,8 @@ def _run_method(
     for k, interval in enumerate(plan.intervals):
         res: Stats | None = dense_res.get(interval)
         mlp: Stats | None = dense_mlp.get(interval)
-        if order == "sequential" and k > 0 and family is not None:
+        if sequential and k > 0:
+            assert target is not None
             tic = time.perf_counter()
             x_start = interval[0] - offset
             res, mlp = _capture_cross(
@@ -306,10 +312,18 @@ def _run_method(
         fits[interval] = fitted
         # Plain pruning alone captures nothing; its residual is 1 by definition anyway.
         relres[interval] = 1.0 if res is None else _relative_residual(res, fitted, method)
-        _apply_interval(target, adapter, method, interval, offset, current_layers, fitted, settings)
+        if sequential:
+            assert target is not None
+            _apply_interval(target, adapter, method, interval, offset, current_layers, fitted, settings)
+        else:
+            pending.append((interval, offset, current_layers, fitted))
         removed_here = interval[1] - interval[0]
         offset += removed_here
         current_layers -= removed_here
+    if target is None:
+        target = copy.deepcopy(model)
+    for interval, shift, layers_then, fitted in pending:
+        _apply_interval(target, adapter, method, interval, shift, layers_then, fitted, settings)
     return Recovery(
         model=target,
         removed=plan.removed,

@@ -258,3 +258,23 @@ def test_generation_after_recovery_with_cache() -> None:
             rec.model.generate(IDS[:1], use_cache=True, **kwargs),
             rec.model.generate(IDS[:1], use_cache=False, **kwargs),
         )
+
+
+def test_failing_fit_leaves_an_inplace_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ghostsolve.pipeline.recover as recover_module
+
+    real_fit = recover_module.fit
+    calls = []
+
+    def fit_failing_second(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise GhostsolveError("simulated failure of the second interval's fit")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(recover_module, "fit", fit_failing_second)
+    model = tiny_model("llama")
+    state = state_of(model)
+    with pytest.raises(GhostsolveError, match="simulated failure"):
+        recover(model, [0, 2], BATCHES, method="ghost", inplace=True, progress=False)
+    assert same_state(model, state) and len(model.model.layers) == 4
