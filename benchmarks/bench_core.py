@@ -11,10 +11,10 @@ rounds:
   fp64 accumulation) against the reference pattern (concatenate all rows, cast to fp64, form XᵀX and XᵀΔ,
   ``torch.linalg.solve``) and against ``numpy.linalg.lstsq`` in fp64, with the objectives compared;
 * peak extra memory of ``ghostsolve.fit(X, Y)`` at N = 8192 and 65536: in a fresh subprocess per
-  measurement, after a warm-up fit on 2·d rows, the peak resident set size (``ru_maxrss``) after the fit
-  minus the resident set size just before it (the inputs are already resident), next to the same figure
-  for the reference pattern. The warm-up's own peak can hide a smaller working set, so small figures are
-  upper bounds.
+  measurement (Linux), after a warm-up fit on 2·d rows, the peak resident set size is reset
+  (``/proc/self/clear_refs``) and the peak during the fit (``VmHWM``) minus the resident set size just
+  before it is reported (the inputs are already resident), next to the same figure for the reference
+  pattern.
 
 Run: ``pytest benchmarks/bench_core.py -s`` (``nox -s bench``). Prints a table with the ratios.
 """
@@ -81,21 +81,31 @@ def test_bare_gemm(benchmark: Any, data: Any, dtype: torch.dtype) -> None:
     _run(benchmark, f"gemm_{dtype}", run)
 
 
-def test_stats_default(benchmark: Any, data: Any) -> None:
-    _run(benchmark, "stats_default", lambda: _stats(*data))
+STATS_VARIANTS = {
+    "stats_default": {},
+    "stats_lean": {"magnitudes": False},
+    "stats_fast": {"product_dtype": torch.float32},
+    "stats_fast_lean": {"product_dtype": torch.float32, "magnitudes": False},
+}
 
 
-def test_stats_fast(benchmark: Any, data: Any) -> None:
-    _run(benchmark, "stats_fast", lambda: _stats(*data, product_dtype=torch.float32))
+@pytest.mark.parametrize("variant", list(STATS_VARIANTS))
+def test_stats(benchmark: Any, data: Any, variant: str) -> None:
+    _run(benchmark, variant, lambda: _stats(*data, **STATS_VARIANTS[variant]))
 
 
 def test_fit_default(benchmark: Any, data: Any) -> None:
-    f = _run(benchmark, "fit_default", lambda: ghostsolve.fit(_stats(*data)))
+    """Statistics for the full operator (no magnitude sums, as fit(X, Y) builds them) + solver="auto"."""
+    f = _run(benchmark, "fit_default", lambda: ghostsolve.fit(_stats(*data, magnitudes=False)))
     EXTRA["fit_default"] = f
 
 
 def test_fit_fast(benchmark: Any, data: Any) -> None:
-    f = _run(benchmark, "fit_fast", lambda: ghostsolve.fit(_stats(*data, product_dtype=torch.float32)))
+    f = _run(
+        benchmark,
+        "fit_fast",
+        lambda: ghostsolve.fit(_stats(*data, product_dtype=torch.float32, magnitudes=False)),
+    )
     EXTRA["fit_fast"] = f
     EXTRA["fast_mode_safe"] = f.diagnostics.fast_mode_safe
 
@@ -130,25 +140,26 @@ def test_numpy_lstsq(benchmark: Any, data: Any) -> None:
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch, ghostsolve
+    import json, sys, torch, ghostsolve
     n, d, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
     X = torch.randn(n, d)
-    Y = torch.randn(n, d).mul_(0.1).add_(X)      # in place: no temporary that would raise the peak
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+    Y = torch.randn(n, d).mul_(0.1).add_(X)      # in place: no temporary
+    def kib(field):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(field)).split()[1])
     # warm-up on a few rows: library loading and thread pools are not part of the fit's working set
     ghostsolve.fit(X[: 2 * d], Y[: 2 * d])
     Xw = X[: 2 * d].double(); torch.linalg.solve(Xw.T @ Xw, Xw.T @ (Y[: 2 * d].double() - Xw)); del Xw
-    before = rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                             # reset the peak (VmHWM) to the current RSS
+    before = kib("VmRSS:")
     if mode == "ghostsolve":
         ghostsolve.fit(X, Y)
     else:
         Xd = X.double(); Dd = Y.double() - Xd
         torch.linalg.solve(Xd.T @ Xd, Xd.T @ Dd)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra_bytes": peak - before}))
+    print(json.dumps({"extra_bytes": (kib("VmHWM:") - before) * 1024}))
     """
 )
 
@@ -164,7 +175,9 @@ def _extra_memory(n: int, mode: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 2**20
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/statm (Linux)")
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset VmHWM"
+)
 def test_peak_extra_memory() -> None:
     for n in (8192, 65536):
         for mode in ("ghostsolve", "reference"):
@@ -193,18 +206,18 @@ def report() -> str:
 
     counted = 3.0 * N * D * D
     gemm = 2.0 * N * D * D
-    if "stats_default" in r and "gemm_torch.float64" in r:
-        s, g = rate("stats_default", counted), rate("gemm_torch.float64", gemm)
-        lines.append(
-            f"  Stats (fp64)           {r['stats_default']:8.3f} s  {s:7.1f} GFLOP/s  "
-            f"vs bare fp64 GEMM {g:7.1f} GFLOP/s  -> {s / g:6.1%}"
-        )
-    if "stats_fast" in r and "gemm_torch.float32" in r:
-        s, g = rate("stats_fast", counted), rate("gemm_torch.float32", gemm)
-        lines.append(
-            f"  Stats fast (fp32 prod) {r['stats_fast']:8.3f} s  {s:7.1f} GFLOP/s  "
-            f"vs bare fp32 GEMM {g:7.1f} GFLOP/s  -> {s / g:6.1%}"
-        )
+    for key, gk, label in (
+        ("stats_default", "gemm_torch.float64", "Stats() fp64"),
+        ("stats_lean", "gemm_torch.float64", "Stats(magnitudes=False)"),
+        ("stats_fast", "gemm_torch.float32", "Stats fast (fp32 prod.)"),
+        ("stats_fast_lean", "gemm_torch.float32", "Stats fast, no magn."),
+    ):
+        if key in r and gk in r:
+            s, g = rate(key, counted), rate(gk, gemm)
+            lines.append(
+                f"  {label:<24} {r[key]:8.3f} s  {s:7.1f} GFLOP/s  vs bare {gk[-7:]} GEMM {g:7.1f} GFLOP/s"
+                f"  -> {s / g:6.1%}"
+            )
     for key, label in (("fit_default", "default fit"), ("fit_fast", "fast-mode fit")):
         if key in r:
             parts = [f"  {label:<22} {r[key]:8.3f} s"]
@@ -228,7 +241,7 @@ def report() -> str:
     if "fast_mode_safe" in EXTRA:
         lines.append(f"  diagnostics.fast_mode_safe on this data: {EXTRA['fast_mode_safe']}")
     if "mem_ghostsolve_8192" in EXTRA:
-        lines.append("  peak extra memory (ru_maxrss − RSS before the fit, fresh process, MiB):")
+        lines.append("  peak extra memory (VmHWM during the fit − RSS before it, fresh process, MiB):")
         for n in (8192, 65536):
             lines.append(
                 f"    N={n:<6} ghostsolve.fit {EXTRA[f'mem_ghostsolve_{n}']:8.1f}   "

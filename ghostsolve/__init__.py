@@ -1,7 +1,8 @@
 """ghostsolve: closed-form linear recovery of layer-pruned language models.
 
 The core (this package's top-level modules) works on torch tensors and never imports transformers;
-``ghostsolve.load`` (from :mod:`ghostsolve.pipeline.checkpoint`) is resolved lazily on first access.
+``ghostsolve.load`` (from :mod:`ghostsolve.pipeline.checkpoint`) is resolved lazily on first access and is
+therefore not part of ``__all__`` (a star import would otherwise pull in transformers).
 
 >>> import torch, ghostsolve
 >>> X = torch.randn(512, 16, dtype=torch.float64)
@@ -37,7 +38,6 @@ __all__ = [
     "compare_precisions",
     "diagnose",
     "fit",
-    "load",
     "ridge_path",
 ]
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import GhostsolveError, IllConditionedWarning
+from .families import MAGNITUDE
 from .solvers import SOLVERS, choose_solver, kappa_safe, rank_cutoff, relative_lambda
 from .stats import Stats
 
@@ -84,7 +85,7 @@ def _stats_of(X_or_stats: Any, Y: Any = None) -> Stats:
         if Y is not None:
             raise GhostsolveError("diagnose(stats) takes no Y: the statistics already hold it")
         return X_or_stats
-    return accumulate(X_or_stats, X_or_stats if Y is None else Y)
+    return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False)
 
 
 def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnostics:
@@ -275,7 +276,7 @@ def compare_precisions(
     for s in solvers:
         if s not in SOLVERS:
             raise GhostsolveError(f"unknown solver {s!r}; valid solvers: {', '.join(SOLVERS)}")
-    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True)
+    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, magnitudes=family in MAGNITUDE)
     ref = fit(ref_stats, family=family, solver="svd", ridge=ridge)
     ref_obj = ref.objective
     G = ref_stats.xtx

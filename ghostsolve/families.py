@@ -94,6 +94,11 @@ def _hadamard_operator(m: torch.Tensor) -> torch.Tensor:
 
 
 def _magnitude_sums(stats: Stats, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not stats.magnitudes or stats.x_abs_sum is None or stats.y_abs_sum is None:
+        raise GhostsolveError(
+            f"family={family!r} needs the magnitude sums, but these Stats were built with magnitudes=False; "
+            "rebuild them with Stats(dim, magnitudes=True) (the default)"
+        )
     if family == "hadamard-magnitude":
         if stats.xh_abs_sum is None or stats.yh_abs_sum is None:
             hadamard_matrix(stats.dim)  # raises the message naming supported sizes

@@ -69,6 +69,17 @@ _SAFE_ERROR = 1e-3
 _EXACT_COND_MAX_D = 128
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (NaN/Inf propagate into the sum), with the
+    elementwise test only when the sum itself overflowed."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ B`` by two triangular solves (``torch.cholesky_solve`` copies ``L`` on every call)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
 def eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
@@ -182,7 +193,7 @@ def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: in
         L, info = torch.linalg.cholesky_ex(A64)
         if int(info) != 0:
             return math.inf
-    if not bool(torch.isfinite(L).all()):
+    if not all_finite(L):
         return math.inf
     gen = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(d, 1, generator=gen, dtype=torch.float64).to(A64.device)
@@ -190,7 +201,7 @@ def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: in
     for _ in range(iters):
         v = A64 @ v
         v = v / v.norm()
-        w = torch.cholesky_solve(w, L)
+        w = _chol_solve(L, w)
         w = w / w.norm()
     lmax = float(v.T @ A64 @ v)
     # λ_max(A⁻¹) ≈ ‖L⁻¹ w‖²: no cancellation against ‖A‖, unlike the Rayleigh quotient wᵀAw.
@@ -205,7 +216,7 @@ def _cond_r(R11: torch.Tensor, iters: int = 30) -> float:
     with triangular solves (``O(iters · d²)``)."""
     R = R11.double()
     d = R.shape[0]
-    if R.shape[0] != R.shape[1] or not bool(torch.isfinite(R).all()):
+    if R.shape[0] != R.shape[1] or not all_finite(R):
         return math.inf
     diag = R.diagonal().abs()
     if float(diag.min()) == 0.0:
@@ -322,7 +333,7 @@ def solve(problem: Problem, solver: str, *, checked: bool = False) -> Solution:
     NumericalError
         Non-finite statistics or a failure of the fallback solver.
     """
-    if not (bool(torch.isfinite(problem.G).all()) and bool(torch.isfinite(problem.B).all())):
+    if not (all_finite(problem.G) and all_finite(problem.B)):
         raise NumericalError(
             "the statistics XᵀX or Xᵀ(Y−X) contain NaN/Inf (overflow in a float32 accumulation?); "
             "accumulate in float64 (Stats(dtype=torch.float64))"
@@ -347,8 +358,8 @@ def _cholesky(p: Problem, warn: bool = True) -> Solution:
     A = _shifted(p.G, p.lam)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
-        M = torch.cholesky_solve(p.B, L)
-        if bool(torch.isfinite(M).all()):
+        M = _chol_solve(L, p.B)
+        if all_finite(M):
             if not warn:
                 return Solution(M, "cholesky")
             kappa = estimate_condition(A, L if A.dtype == torch.float64 else None)

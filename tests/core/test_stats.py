@@ -230,3 +230,33 @@ def test_empty_chunk_is_a_no_op() -> None:
     with pytest.raises(GhostsolveError, match="hold no rows"):
         ghostsolve.fit(s)
     assert np.isclose(Stats(3).update(torch.ones(2, 3), torch.ones(2, 3)).n_rows, 2)
+
+
+def test_magnitudes_can_be_skipped() -> None:
+    case = make_case(11, 50, 12)
+    lean = Stats(12, magnitudes=False).update(case.X, case.Y)
+    full = Stats(12).update(case.X, case.Y)
+    assert lean.x_abs_sum is None and lean.xh_abs_sum is None
+    assert set(lean.tensors()) == {"count", "xtx", "xtd", "yty", "dtd"}
+    for name, t in lean.tensors().items():
+        assert torch.allclose(t, full.tensors()[name], rtol=1e-13), name
+    assert ghostsolve.fit(lean).objective == pytest.approx(ghostsolve.fit(full).objective, rel=1e-12)
+    for family in ("scalar-magnitude", "diagonal-magnitude", "hadamard-magnitude"):
+        with pytest.raises(
+            GhostsolveError, match=rf"family='{family}' needs the magnitude sums.*magnitudes=False"
+        ):
+            ghostsolve.fit(lean, family=family)
+    with pytest.raises(GhostsolveError, match="magnitudes=True and magnitudes=False"):
+        full + lean
+    again = Stats.from_state_dict(lean.state_dict())
+    assert not again.magnitudes and again.x_abs_sum is None
+    # fit(X, Y) builds only what the family needs, with the same result
+    assert ghostsolve.fit(case.X, case.Y, family="diagonal-magnitude").weight.shape == (12, 12)
+
+
+def test_nonfinite_rows_named_without_magnitudes() -> None:
+    case = make_case(12, 20, 4)
+    X = case.X.clone()
+    X[5, 2] = float("-inf")
+    with pytest.raises(GhostsolveError, match=r"1 of 20 rows.*first bad row 5 \(in X"):
+        Stats(4, magnitudes=False).update(X, case.Y)
