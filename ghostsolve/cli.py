@@ -982,7 +982,15 @@ def _version() -> str:
         return "unknown"
 
 
+_MODEL_EXTRA = {"transformers", "safetensors", "tokenizers", "accelerate", "matplotlib"}
+
+
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in _MODEL_EXTRA:
+        return (
+            f"{exc.name} is not installed; the command line needs the model extra: "
+            "pip install 'ghostsolve[model]'"
+        )
     text = " ".join(str(exc).split())
     if not isinstance(exc, GhostsolveError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

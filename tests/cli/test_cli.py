@@ -41,6 +41,7 @@ def _check_contract(report: dict, methods: list[str], saved: str | None) -> None
     assert report["saved"] == saved
 
 
+@pytest.mark.slow
 def test_prune_end_to_end(tmp_path, model_dir, text, capsys):
     out, report_path = tmp_path / "out", tmp_path / "report.json"
     rc = main(
@@ -209,6 +210,14 @@ def test_missing_files_are_reported(tmp_path, model_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "no-model")]) == 2
     assert "ghostsolve: error:" in capsys.readouterr().err
+
+
+def test_missing_model_extra_is_explained(monkeypatch, model_dir, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["eval", str(model_dir)]) == 2
+    assert "pip install 'ghostsolve[model]'" in capsys.readouterr().err
 
 
 def test_usage_errors_and_help(capsys):
