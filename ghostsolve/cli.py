@@ -186,7 +186,11 @@ def _add_calibration(parser: argparse.ArgumentParser, *, required: bool) -> None
 
 
 def _add_evaluation(
-    parser: argparse.ArgumentParser, *, num_eval_default: int | None, seq_len_default: int | None = None
+    parser: argparse.ArgumentParser,
+    *,
+    num_eval_default: int | None,
+    seq_len_default: int | None = None,
+    self_source: str = "the dense model (a seed stream disjoint from calibration's)",
 ) -> None:
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
@@ -195,8 +199,7 @@ def _add_evaluation(
         metavar="FILE",
         help="text file(s) for perplexity: non-overlapping windows of --seq-len tokens, BOS first in each "
         "window where the tokenizer has one, exp of the mean NLL over all predicted tokens. Without it, "
-        "perplexity is measured on sequences sampled from the dense model (a seed stream disjoint from "
-        "calibration's)",
+        f"perplexity is measured on sequences sampled from {self_source}",
     )
     group.add_argument(
         "--num-eval",
@@ -876,7 +879,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=float, default=None, help="lm-eval examples per task (quick runs)")
     ev.add_argument("--include-path", metavar="DIR", help="folder of extra (local) lm-eval task YAML files")
     ev.add_argument("--report", metavar="FILE.json", help="write the results as JSON")
-    _add_evaluation(ev, num_eval_default=None)
+    _add_evaluation(
+        ev,
+        num_eval_default=None,
+        self_source="MODEL_OR_DIR itself (seeded; comparable only between runs on the same model)",
+    )
     _add_runtime(ev)
     ev.set_defaults(func=_cmd_eval, calib_text=None)
 
