@@ -410,8 +410,9 @@ def _capture_dense(
             s = key[0]
             if s - 1 not in mlp_stash:
                 raise GhostsolveError(f"the capture hook on the MLP output of layer {s - 1} never fired")
-            m = mlp_stash[s - 1]
-            target = (h - stash[s].to(h.device)) + m.to(h.device)
+            # The difference y − x cancels most digits in half precision: form it in the stats dtype.
+            m = mlp_stash[s - 1].to(device=h.device, dtype=dtype)
+            target = (h.to(dtype) - stash[s].to(device=h.device, dtype=dtype)) + m
             mlp_table.update(key, m, target, w, what=" (ReplaceMe MLP output)")
         if last_use.get(b, -1) > b:
             stash[b] = h
@@ -505,8 +506,9 @@ def _capture_cross(
                 x = held["x"].to(y.device)
                 table.update(key, x, y, weights)
                 if mlp:
-                    m = held["m"].to(y.device)
-                    mlp_table.update(key, m, (y - x) + m, weights, what=what)
+                    m = held["m"].to(device=y.device, dtype=dtype)
+                    target = (y.to(dtype) - x.to(dtype)) + m
+                    mlp_table.update(key, m, target, weights, what=what)
             finally:
                 held.clear()
             seen_batches += 1
