@@ -111,6 +111,10 @@ def format_table(result: RunResult) -> str:
     ]
     if result.saved:
         out.append(f"* saved: {result.saved}")
+    out.append(
+        "rel. residual: boundary residual ||XW - Y||² left on the calibration tokens, relative to plain "
+        "pruning's ||X - Y||²"
+    )
     return "\n".join(out)
 
 
