@@ -251,6 +251,16 @@ def test_load_errors(tmp_path):
         load(tmp_path / "f.bin")
 
 
+def test_plain_transformers_directories_load_strictly(tmp_path, tok):
+    model = tiny_llama(len(tok), layers=2)
+    model.save_pretrained(tmp_path / "plain")
+    assert checkpoint_info(tmp_path / "plain") is None
+    assert torch.equal(_logits(load(tmp_path / "plain")), _logits(model))
+    _rewrite_weights(tmp_path / "plain", lambda w: w.pop("model.norm.weight"))
+    with pytest.raises(GhostsolveError, match=r"missing weights \['model.norm.weight'\]"):
+        load(tmp_path / "plain")
+
+
 def test_save_rejects_other_objects(tmp_path):
     with pytest.raises(GhostsolveError, match="needs a Recovery or a transformers model"):
         save(torch.nn.Linear(2, 2), tmp_path / "x")
