@@ -259,14 +259,6 @@ class Stats:
         if self.magnitudes:
             out["x_abs_sum"] = l1(X)
             out["y_abs_sum"] = l1(Y)
-            finite = bool(torch.isfinite(out["x_abs_sum"].sum())) and bool(
-                torch.isfinite(out["y_abs_sum"].sum())
-            )
-        else:
-            finite = bool(torch.isfinite(Z.sum()))
-        # A NaN/Inf anywhere in X or Y makes these sums non-finite: a cheap test before the detailed one.
-        if not finite:
-            self._check_finite(X, Y)
         if self.xh_abs_sum is not None:
             # The rotation runs in the input precision (at least fp32): these sums feed the LinearPatch-R
             # heuristic, and rotation rounding (~1e-7 relative) is far below their sampling spread, while an
@@ -279,9 +271,11 @@ class Stats:
             Z.mul_(wp.sqrt().unsqueeze(1))
         dtd = torch.linalg.vector_norm(Dp).square()
         P = _gram_products(Z, d)
-        # the sum of finite fp32/fp64 products cannot overflow: a non-finite sum means an Inf/NaN inside
+        # A NaN/Inf in X or Y reaches the products (NaN·0 is NaN), and the sum of finite fp32/fp64 products
+        # cannot overflow: one reduction tests everything; the row-by-row test runs only on failure.
         total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
         if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
+            self._check_finite(X, Y)  # raises, naming the rows, when the input is to blame
             raise GhostsolveError(
                 f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} although the inputs are "
                 "finite; use product_dtype=torch.float32 or torch.float64"
