@@ -278,3 +278,14 @@ def test_failing_fit_leaves_an_inplace_model_untouched(monkeypatch: pytest.Monke
     with pytest.raises(GhostsolveError, match="simulated failure"):
         recover(model, [0, 2], BATCHES, method="ghost", inplace=True, progress=False)
     assert same_state(model, state) and len(model.model.layers) == 4
+
+
+def test_unknown_architecture_is_refused_before_anything_changes() -> None:
+    model = tiny_model("llama")
+    model.config.model_type = "gpt_neox"
+    state = state_of(model)
+    with pytest.raises(
+        GhostsolveError, match=r"no adapter for model_type 'gpt_neox'; known model types: .*llama"
+    ):
+        recover(model, [1], BATCHES, progress=False)
+    assert same_state(model, state) and len(model.model.layers) == 4
