@@ -133,27 +133,42 @@ class Evaluator:
     def ppl(self, model: Any) -> float:
         return perplexity(model, self.evalw, batch_size=self.batch_size, progress=False).perplexity
 
-    def __call__(self, removed: list[int]) -> dict[str, float]:
+    def __call__(self, removed: list[int], *, plain: bool = True) -> dict[str, float]:
+        """``{"ghost": ppl, "identity": ppl}``; ``plain=False`` skips plain pruning until it is asked for."""
         key = tuple(sorted(removed))
-        if key not in self.cache:
+        scores = self.cache.setdefault(key, {})
+        if "ghost" not in scores:
             ghost = recover(self.model, list(key), self.batches, method="ghost", progress=False)
-            plain = recover(self.model, list(key), self.batches, method="identity", progress=False)
-            self.cache[key] = {"ghost": self.ppl(ghost.model), "identity": self.ppl(plain.model)}
-            LOG.info("removed %s: ghost %.3f, plain %.3f", list(key), *self.cache[key].values())
-        return self.cache[key]
+            scores["ghost"] = self.ppl(ghost.model)
+            LOG.info("removed %s: ghost %.3f", list(key), scores["ghost"])
+        if plain and "identity" not in scores:
+            pruned = recover(self.model, list(key), self.batches, method="identity", progress=False)
+            scores["identity"] = self.ppl(pruned.model)
+            LOG.info("removed %s: plain %.3f", list(key), scores["identity"])
+        return dict(scores)
 
 
 def measure_model(
-    name: str, model: Any, calib: torch.Tensor, evalw: torch.Tensor, args: argparse.Namespace
+    name: str, model: Any, calib: torch.Tensor, evalw: torch.Tensor, args: argparse.Namespace, data: str
 ) -> dict[str, Any]:
     evaluate = Evaluator(model, calib, evalw, args.batch_size)
     num_layers = int(model.config.num_hidden_layers)
     dense = evaluate.ppl(model)
     LOG.info("%s: %d layers, dense held-out perplexity %.3f", name, num_layers, dense)
-    result: dict[str, Any] = {"model": name, "num_layers": num_layers, "dense_perplexity": dense, "by_n": {}}
+    result: dict[str, Any] = {
+        "model": name,
+        "num_layers": num_layers,
+        "dense_perplexity": dense,
+        "data": data,
+        "seed": args.seed,
+        "by_n": {},
+    }
     for n in args.num_drop:
-        blocks = {start: evaluate(list(range(start, start + n))) for start in range(num_layers - n + 1)}
+        blocks = {
+            start: evaluate(list(range(start, start + n)), plain=False) for start in range(num_layers - n + 1)
+        }
         best = min(blocks, key=lambda s: blocks[s]["ghost"])
+        blocks[best] = evaluate(list(range(best, best + n)))
         rows = []
         for label, strategy, options in VARIANTS:
             t0 = time.perf_counter()
@@ -166,10 +181,12 @@ def measure_model(
             )
         result["by_n"][str(n)] = {
             "rows": rows,
-            "blocks": {str(s): v for s, v in blocks.items()},
+            "blocks": {str(s): evaluate.cache[tuple(range(s, s + n))] for s in blocks},
             "best_block": list(range(best, best + n)),
             "best_block_ghost": blocks[best]["ghost"],
         }
+        if args.json:  # after every n, so a long run that is stopped keeps what it measured
+            args.json.write_text(json.dumps([*args.done, result], indent=2) + "\n")
     return result
 
 
@@ -298,7 +315,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.render:
-        loaded = [res for path in args.render for res in json.loads(path.read_text())]
+        merged: dict[tuple[str, int], dict[str, Any]] = {}
+        for path in args.render:
+            for res in json.loads(path.read_text()):
+                key = (res["model"], res.get("seed", 0))
+                if key in merged:  # runs split by --num-drop
+                    merged[key]["by_n"].update(res["by_n"])
+                else:
+                    merged[key] = res
+        loaded = list(merged.values())
         print(markdown(loaded))
         print(aggregate(loaded))
         print(summary(loaded))
@@ -313,9 +338,8 @@ def main() -> None:
                 model, calib, evalw, data = load_demo(args)
             else:
                 model, calib, evalw, data = load_stories(args, Path(tmp))
-            res = measure_model(name, model, calib, evalw, args)
-            res["data"] = data
-            res["seed"] = args.seed
+            args.done = results
+            res = measure_model(name, model, calib, evalw, args, data)
             results.append(res)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2) + "\n")
