@@ -33,6 +33,11 @@ def _batches(**kwargs: Any) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+# Stats sums the per-chunk magnitude columns in the input precision (fp32 here; documented in
+# ghostsolve/stats.py), so those agree to fp32 rounding; the fp64 products agree to fp64 rounding.
+MAGNITUDE_RTOL = 1e-6
+
+
 def _assert_same_stats(got: dict, expected: dict, rtol: float = 1e-12) -> None:
     assert list(got) == list(expected)
     for interval, stats in expected.items():
@@ -40,7 +45,8 @@ def _assert_same_stats(got: dict, expected: dict, rtol: float = 1e-12) -> None:
         for name, tensor in stats.tensors().items():
             other = got[interval].tensors()[name].to(tensor.device)
             scale = float(tensor.abs().max())
-            assert float((other - tensor).abs().max()) <= rtol * scale, (interval, name)
+            tol = max(rtol, MAGNITUDE_RTOL) if name.endswith("_abs_sum") else rtol
+            assert float((other - tensor).abs().max()) <= tol * scale, (interval, name)
 
 
 def _reference(model: Any, batches: list[dict], intervals: list[tuple[int, int]]) -> dict:
