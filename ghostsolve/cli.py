@@ -1,13 +1,19 @@
-"""The ``ghostsolve`` command line: prune, eval, diagnose, demo, convert-llama2c.
+"""The ``ghostsolve`` command line: prune, eval, diagnose, demo, select, convert-llama2c.
 
 Every command prints its results table on stdout, progress bars and log messages on stderr. Errors are a
 single line ``ghostsolve: error: ...`` on stderr with exit status 2 (``--traceback`` shows the full
 traceback instead). ``main(argv)`` runs in-process and returns the exit status.
+
+``prune``, ``demo``, ``select`` and ``diagnose`` also run under ``torchrun`` (data-parallel calibration,
+:mod:`ghostsolve.pipeline.distributed`): every rank holds the model and the same calibration windows
+(computed on rank 0 and broadcast), captures statistics on its shard of the batches, and rank 0 alone
+samples, selects, evaluates, prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -35,6 +41,10 @@ DEMO_NUM_CALIB = 32
 DEMO_NUM_EVAL = 32
 DEMO_SEQ_LEN = 128
 DEMO_NUM_DROP = 2
+# The demo's selection rule: the block whose ghost fit leaves the smallest residual. On the bundled model it
+# costs one capture pass (under a second on 1 thread for 32x128 tokens, as the cosine rule), and it picks the
+# block that the recovery it demonstrates can best replace.
+DEMO_STRATEGY = "recoverable"
 # Self-sampled evaluation sets when no --eval-text is given (prune/eval).
 DEFAULT_SELF_EVAL = 16
 
@@ -121,8 +131,9 @@ def _add_runtime(parser: argparse.ArgumentParser, *, batch_size: int = 8, thread
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--device",
-        default="auto",
-        help="where to run: cpu, cuda, cuda:N, or auto (cuda when available, else cpu). Default: auto",
+        default=None,
+        help="where to run: cpu, cuda, cuda:N, or auto (cuda when available, else cpu). Default: auto; "
+        "under torchrun, the rank's own device (cuda:LOCAL_RANK with NCCL, cpu with gloo)",
     )
     group.add_argument(
         "--dtype",
@@ -239,19 +250,157 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# selection (issue 5) — the selection helper adds the `select` command and `prune --num-drop/--select`
-# here. `prune` puts --drop in the mutually exclusive group passed as `drop_group`; `_resolve_drop`
-# is the one place where a removal set is decided from the arguments.
+# selection (issue 5): the `select` command and `prune --select S --num-drop N`. `prune` puts --drop
+# and --select in one mutually exclusive group; `_resolve_drop` is the one place where a removal set
+# is decided from the arguments.
 # ---------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose epilog can be built when help is shown.
+
+    The strategy list lives in :mod:`ghostsolve.pipeline.select`, which imports torch; building it only for
+    ``--help`` keeps ``ghostsolve --version`` and usage errors fast.
+    """
+
+    epilog_factory: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
+def _strategy_epilog() -> str:
+    from ghostsolve.pipeline.select_report import strategy_help
+
+    return strategy_help()
+
+
+def _add_strategy_options(parser: argparse.ArgumentParser) -> None:
+    """Options of individual strategies; each applies only to the strategies named in its help."""
+    group = parser.add_argument_group("selection strategy options (each applies to the strategies named)")
+    group.add_argument(
+        "--last-token",
+        action="store_true",
+        default=None,
+        help="angular: use only each sequence's last token, as Gromov et al. do",
+    )
+    group.add_argument(
+        "--top-k", type=_positive, default=None, help="recoverable-ppl: blocks re-ranked (default: 3)"
+    )
+    group.add_argument("--keep-first", type=int, default=None, help="taylor: never remove the first N layers")
+    group.add_argument("--keep-last", type=int, default=None, help="taylor: never remove the last N layers")
+    group.add_argument(
+        "--normalize",
+        choices=["stream", "block"],
+        default=None,
+        help="recoverable rules: divide the fit residual by the stream energy (default) or by the block's "
+        "own change",
+    )
+
+
 def _add_selection_commands(subparsers: Any, prune_parser: argparse.ArgumentParser, drop_group: Any) -> None:
-    """Hook for issue 5: add ``select`` to ``subparsers`` and ``--num-drop/--select`` to ``drop_group``."""
+    """Add ``select`` to ``subparsers`` and ``--select`` (with ``--num-drop``) to ``prune``."""
+    drop_group.add_argument(
+        "--select",
+        metavar="STRATEGY",
+        help="choose the layers to remove with a selection strategy (see `ghostsolve select --help`); "
+        "needs --num-drop",
+    )
+    prune_parser.add_argument(
+        "--num-drop", type=_positive, default=None, help="with --select: how many layers to remove"
+    )
+    _add_strategy_options(prune_parser)
+
+    sel = subparsers.add_parser(
+        "select",
+        help="score the layers with a selection strategy and choose the ones to remove",
+        description="Score every decoder layer (or every block of --num-drop contiguous layers) of MODEL "
+        "on calibration data with a selection strategy, print the scores and the chosen 0-based layer "
+        "indices, and optionally write a JSON report and a PNG plot of the scores. Under torchrun, rank 0 "
+        "does the scoring and writing.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sel.epilog_factory = _strategy_epilog
+    sel.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    sel.add_argument("--strategy", required=True, metavar="S", help="selection strategy (listed below)")
+    sel.add_argument("--num-drop", type=_positive, required=True, help="how many layers to remove")
+    sel.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help='write {"strategy", "num_drop", "scores", "selected" (0-based), "unit", "score_name", '
+        '"removes", "details"} as JSON',
+    )
+    sel.add_argument("--plot", metavar="FILE.png", help="write a bar plot of the scores, chosen ones marked")
+    sel.add_argument(
+        "--seq-len", type=_positive, default=None, help="tokens per calibration window (default: model's)"
+    )
+    _add_calibration(sel, required=True)
+    _add_strategy_options(sel)
+    _add_runtime(sel)
+    sel.set_defaults(func=_cmd_select)
 
 
-def _resolve_drop(args: argparse.Namespace, model: Any, batches: Sequence[Mapping[str, Any]]) -> list[int]:
-    """The layers to remove, from ``--drop`` (issue 5 extends this with ``--num-drop/--select``)."""
+def _selection_options(args: argparse.Namespace, strategy: str) -> dict[str, Any]:
+    """The strategy options set on the command line (validated against ``strategy``)."""
+    from ghostsolve.pipeline.select_report import options_from_args
+
+    return options_from_args(
+        strategy,
+        last_token=getattr(args, "last_token", None),
+        skip_first_token=getattr(args, "skip_first_token", None),
+        top_k=getattr(args, "top_k", None),
+        keep_first=getattr(args, "keep_first", None),
+        keep_last=getattr(args, "keep_last", None),
+        normalize=getattr(args, "normalize", None),
+    )
+
+
+def _check_drop_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check ``--drop`` / ``--select`` / ``--num-drop`` before any work; the strategy options of ``--select``.
+
+    Raises
+    ------
+    GhostsolveError
+        If no removal set is given, or ``--select`` and ``--num-drop`` are not given together.
+    """
+    strategy, num_drop = getattr(args, "select", None), getattr(args, "num_drop", None)
     if getattr(args, "drop", None):
-        return parse_layers(args.drop)
-    raise GhostsolveError("no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9")
+        if num_drop is not None:
+            raise GhostsolveError(
+                f"--num-drop {num_drop} goes with --select, not --drop {args.drop}; give one removal rule"
+            )
+        return {}
+    if strategy is None:
+        if num_drop is not None:
+            raise GhostsolveError(
+                f"--num-drop {num_drop} needs --select STRATEGY to choose the layers (e.g. --select "
+                "recoverable), or give the layers with --drop"
+            )
+        raise GhostsolveError(
+            "no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9, or --num-drop N "
+            "--select STRATEGY"
+        )
+    if num_drop is None:
+        raise GhostsolveError(f"--select {strategy} needs --num-drop N: how many layers to remove")
+    return _selection_options(args, strategy)
+
+
+def _resolve_drop(
+    args: argparse.Namespace, model: Any, batches: Sequence[Mapping[str, Any]]
+) -> tuple[list[int], Any]:
+    """The layers to remove, from ``--drop`` or from ``--select`` on the full calibration ``batches``.
+
+    Returns the layer list and the :class:`~ghostsolve.pipeline.select.Selection` (None with ``--drop``).
+    Under torchrun the selection runs on rank 0 and is sent to the others, so every rank removes the same
+    layers.
+    """
+    from ghostsolve.pipeline.select import select_layers
+
+    options = _check_drop_args(args)
+    if args.drop:
+        return parse_layers(args.drop), None
+    selection = _shared(args, select_layers, model, batches, args.select, args.num_drop, **options)
+    return list(selection.selected), selection
 
 
 def demo_block_selection(model: Any, batches: Sequence[Mapping[str, Any]], num_drop: int) -> list[int]:
@@ -314,11 +463,96 @@ def demo_block_selection(model: Any, batches: Sequence[Mapping[str, Any]], num_d
 
 
 # ---------------------------------------------------------------------------------------------
+# torchrun (issue 6): every rank loads the model and holds the same calibration windows; each captures
+# statistics on its own shard of the batches, which pipeline.recover sums across ranks. Rank 0 alone
+# samples, selects, evaluates, prints and writes; the others wait for it at a collective, and learn
+# if it failed (so none waits for the 60-minute collective timeout).
+# ---------------------------------------------------------------------------------------------
+_DISTRIBUTED_COMMANDS = frozenset({"prune", "demo", "select", "diagnose"})
+
+
+def _world_size(args: argparse.Namespace) -> int:
+    ctx = getattr(args, "dist", None)
+    return 1 if ctx is None else int(ctx.world_size)
+
+
+def _shared(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, **fn_kwargs: Any) -> Any:
+    """``fn(*fn_args, **fn_kwargs)``, computed on rank 0 and sent to every rank (plain call without torchrun).
+
+    Self-sampled windows depend on floating-point sampling, which need not agree bit for bit between
+    processes; computing them once and broadcasting makes every rank's calibration set identical.
+
+    Raises
+    ------
+    GhostsolveError
+        On the other ranks, when ``fn`` failed on rank 0 (rank 0 raises the original exception).
+    """
+    if _world_size(args) == 1:
+        return fn(*fn_args, **fn_kwargs)
+    import torch.distributed as dist
+
+    payload: list[Any] = [None, None]
+    error: Exception | None = None
+    if args.dist.is_main:
+        try:
+            payload[0] = fn(*fn_args, **fn_kwargs)
+        except Exception as exc:
+            error = exc
+            payload = [None, f"{type(exc).__name__}: {exc}"]
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[1] is not None:
+        raise GhostsolveError(f"rank 0 failed in {getattr(fn, '__name__', fn)!s}: {payload[1]}")
+    return payload[0]
+
+
+def _on_main(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, **fn_kwargs: Any) -> Any:
+    """``fn`` on rank 0 only (None elsewhere); the other ranks wait until it is done."""
+    from ghostsolve.pipeline.distributed import run_on_main
+
+    if _world_size(args) == 1:
+        return fn(*fn_args, **fn_kwargs)
+    return run_on_main(fn, *fn_args, **fn_kwargs)
+
+
+def _my_batches(args: argparse.Namespace, batches: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """This rank's shard of the calibration batches (all of them outside torchrun)."""
+    from ghostsolve.pipeline.distributed import shard_batches
+
+    ctx = getattr(args, "dist", None)
+    if ctx is None or ctx.world_size == 1:
+        return list(batches)
+    return shard_batches(batches, ctx.rank, ctx.world_size)
+
+
+def _check_distributed_recovery(args: argparse.Namespace) -> None:
+    """Refuse a multi-rank recovery when ``pipeline.recover`` does not sum statistics across ranks.
+
+    Each rank would otherwise fit on its own shard only and save operators that depend on the rank count.
+    """
+    if _world_size(args) == 1:
+        return
+    from ghostsolve.pipeline import recover
+
+    if not hasattr(recover, "all_reduce_stats"):
+        raise GhostsolveError(
+            f"this ghostsolve's recovery does not sum calibration statistics across ranks yet, so a run "
+            f"with {_world_size(args)} processes would fit each rank on its own shard; run without torchrun"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # shared work
 # ---------------------------------------------------------------------------------------------
-def _device(name: str) -> str:
+def _device(name: str | None, ctx: Any = None) -> str:
+    """The device of ``--device NAME``; without one, the torchrun rank's device, else ``auto``."""
     import torch
 
+    if name is None:
+        if ctx is not None and ctx.is_distributed:
+            return str(ctx.device)
+        name = "auto"
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -333,7 +567,7 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     from ghostsolve.pipeline.checkpoint import load
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load(path, device=_device(args.device), dtype=dtype)
+    model = load(path, device=_device(args.device, getattr(args, "dist", None)), dtype=dtype)
     try:
         # A ghosted checkpoint's config names remote code for the *model*; the tokenizer needs none.
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -417,14 +651,15 @@ def _run_methods(
     methods: list[str],
     calib_windows: Any,
     eval_windows: Any,
-    dense_ppl: float,
+    dense_ppl: float | None,
     save_method: str | None,
     out_dir: Path | None,
 ) -> tuple[Any, Any]:
     """Fit every method from one shared capture and evaluate each, holding one recovered model at a time.
 
     Returns the :class:`~ghostsolve.pipeline.report.RunResult` and the Recovery of ``save_method`` (None
-    when it is not among ``methods``).
+    when it is not among ``methods``). Under torchrun each rank captures its shard of the batches, rank 0
+    evaluates, and the other ranks return ``(None, None)``.
     """
     from ghostsolve.pipeline.data import batches_from_windows
     from ghostsolve.pipeline.evaluate import perplexity
@@ -432,7 +667,7 @@ def _run_methods(
     from ghostsolve.pipeline.report import MethodResult, RunResult
 
     progress = not args.no_progress
-    batches = batches_from_windows(calib_windows, args.batch_size)
+    batches = _my_batches(args, batches_from_windows(calib_windows, args.batch_size))
     results: dict[str, MethodResult] = {}
     kept = None
     t0 = time.perf_counter()
@@ -445,7 +680,17 @@ def _run_methods(
         skip_first_token=args.skip_first_token,
         progress=progress,
     ):
-        ppl = perplexity(rec.model, eval_windows, batch_size=args.batch_size, progress=progress, desc=name)
+        ppl = _on_main(
+            args,
+            perplexity,
+            rec.model,
+            eval_windows,
+            batch_size=args.batch_size,
+            progress=progress,
+            desc=name,
+        )
+        if ppl is None:  # not rank 0
+            continue
         mean, per = _mean_residual(rec.relative_residuals)
         results[name] = MethodResult(
             perplexity=ppl.perplexity,
@@ -457,6 +702,8 @@ def _run_methods(
         if name == save_method:
             kept = rec
     logger.info("recovered and evaluated %d methods in %.1f s", len(methods), time.perf_counter() - t0)
+    if not results or dense_ppl is None:  # not rank 0
+        return None, None
     run = RunResult(
         model=model_name,
         removed=sorted(drop),
@@ -504,17 +751,27 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.surgery import removal_set
 
     methods = _methods(args.recover)
+    _check_drop_args(args)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    _check_distributed_recovery(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
     if args.drop:  # fail on a bad removal set before any sampling or capture
         removal_set(parse_layers(args.drop), int(model.config.num_hidden_layers))
-    calib = _calibration_windows(args, model, tokenizer, seq_len)
-    drop = _resolve_drop(args, model, batches_from_windows(calib, args.batch_size))
-    evalw = _evaluation_windows(args, model, tokenizer, seq_len)
-    dense = perplexity(model, evalw, batch_size=args.batch_size, progress=not args.no_progress, desc="dense")
+    calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
+    drop, selection = _resolve_drop(args, model, batches_from_windows(calib, args.batch_size))
+    evalw = _on_main(args, _evaluation_windows, args, model, tokenizer, seq_len)
+    dense = _on_main(
+        args,
+        perplexity,
+        model,
+        evalw,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        desc="dense",
+    )
     run, saved = _run_methods(
         args,
         model=model,
@@ -523,28 +780,43 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         methods=methods,
         calib_windows=calib,
         eval_windows=evalw,
-        dense_ppl=dense.perplexity,
+        dense_ppl=None if dense is None else dense.perplexity,
         save_method=methods[0],
         out_dir=out,
     )
-    from ghostsolve.pipeline.checkpoint import save
-    from ghostsolve.pipeline.report import format_table, plot_perplexities
 
-    print(format_table(run))
-    if out is not None:
-        save(
-            saved,
-            out,
-            overwrite=args.overwrite,
-            tokenizer=tokenizer,
-            original_model=args.model,
-        )
-        print(f"saved {methods[0]}: {out}")
-    if args.plot:
-        plot_perplexities(run, args.plot)
-        print(f"plot: {args.plot}")
-    _write_report_and_plot(run, args.report, _extra(args, calib, evalw, dense))
+    def finish() -> None:
+        from ghostsolve.pipeline.checkpoint import save
+        from ghostsolve.pipeline.report import format_table, plot_perplexities
+
+        extra = _extra(args, calib, evalw, dense)
+        if selection is not None:
+            print(_selection_line(selection))
+            extra["selection"] = selection.to_report()
+        print(format_table(run))
+        if out is not None:
+            save(
+                saved,
+                out,
+                overwrite=args.overwrite,
+                tokenizer=tokenizer,
+                original_model=args.model,
+            )
+            print(f"saved {methods[0]}: {out}")
+        if args.plot:
+            plot_perplexities(run, args.plot)
+            print(f"plot: {args.plot}")
+        _write_report_and_plot(run, args.report, extra)
+
+    _on_main(args, finish)
     return 0
+
+
+def _selection_line(selection: Any) -> str:
+    return (
+        f"selection: layers {selection.selected}, strategy {selection.strategy} "
+        f"({selection.score_name}, removes the {selection.removes})"
+    )
 
 
 def _extra(args: argparse.Namespace, calib: Any, evalw: Any, dense: Any) -> dict[str, Any]:
@@ -617,30 +889,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.capture import capture_stats
     from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.distributed import all_reduce_stats
     from ghostsolve.pipeline.surgery import intervals_of, removal_set
 
+    _check_drop_args(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
-    calib = _calibration_windows(args, model, tokenizer, seq_len)
+    calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
     batches = batches_from_windows(calib, args.batch_size)
-    drop = removal_set(_resolve_drop(args, model, batches), int(model.config.num_hidden_layers))
+    drop = removal_set(_resolve_drop(args, model, batches)[0], int(model.config.num_hidden_layers))
     intervals = intervals_of(drop)
     progress = not args.no_progress
     stats = capture_stats(
-        model, batches, intervals, skip_first_token=args.skip_first_token, progress=progress
+        model,
+        _my_batches(args, batches),
+        intervals,
+        skip_first_token=args.skip_first_token,
+        progress=progress,
     )
-    rows = _boundary_rows(model, batches, intervals, args.max_rows, args.skip_first_token)
-    report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
-    for interval in intervals:
-        text, entry = _diagnose_interval(stats[interval], *rows[interval], interval)
-        print(text)
-        report["intervals"][f"{interval[0]}-{interval[1]}"] = entry
-    if args.report:
-        from ghostsolve.pipeline.checkpoint import _jsonable
-        from ghostsolve.pipeline.report import write_report
+    all_reduce_stats(stats)  # a no-op outside torchrun
 
-        write_report(_jsonable(report), args.report)
-        print(f"report: {args.report}")
+    def finish() -> None:
+        rows = _boundary_rows(model, batches, intervals, args.max_rows, args.skip_first_token)
+        report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
+        for interval in intervals:
+            text, entry = _diagnose_interval(stats[interval], *rows[interval], interval)
+            print(text)
+            report["intervals"][f"{interval[0]}-{interval[1]}"] = entry
+        if args.report:
+            from ghostsolve.pipeline.checkpoint import _jsonable
+            from ghostsolve.pipeline.report import write_report
+
+            write_report(_jsonable(report), args.report)
+            print(f"report: {args.report}")
+
+    _on_main(args, finish)
     return 0
 
 
@@ -728,12 +1011,50 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from ghostsolve.pipeline.data import batches_from_windows
+    from ghostsolve.pipeline.select_report import format_selection, run_select_command
+
+    options = _selection_options(args, args.strategy)
+    for label, path in (("report", args.report), ("plot", args.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise GhostsolveError(
+                f"cannot write the {label} to {path!r}: folder {str(Path(path).resolve().parent)!r} does not "
+                "exist; create it first"
+            )
+    model, tokenizer = _load_model(args.model, args)
+    seq_len = _seq_len(args, model)
+    calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
+    batches = batches_from_windows(calib, args.batch_size)
+
+    def run() -> None:
+        selection = run_select_command(
+            model,
+            batches,
+            args.strategy,
+            args.num_drop,
+            report_path=args.report,
+            plot_path=args.plot,
+            **options,
+        )
+        print(format_selection(selection))
+        if args.plot:
+            print(f"plot: {args.plot}")
+        if args.report:
+            print(f"report: {args.report}")
+
+    # Selection rules have no sharded form: rank 0 scores on every batch while the others wait.
+    _on_main(args, run)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.checkpoint import atomic_directory, save
     from ghostsolve.pipeline.data import batches_from_windows
     from ghostsolve.pipeline.evaluate import perplexity
     from ghostsolve.pipeline.recover import METHODS
     from ghostsolve.pipeline.report import build_report, format_table, plot_perplexities, write_report
+    from ghostsolve.pipeline.select import select_layers
     from ghostsolve.pipeline.surgery import removal_set
 
     start = time.perf_counter()
@@ -749,18 +1070,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     methods = _methods(args.recover) if args.recover else _demo_methods(METHODS)
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")
+    options = {} if args.drop else _selection_options(args, args.select)
+    _check_distributed_recovery(args)
     model, tokenizer = _load_model(str(model_dir), args)
     seq_len = _seq_len(args, model)
+    selection = None
     if args.drop:
         drop = list(removal_set(parse_layers(args.drop), int(model.config.num_hidden_layers)))
         rule = "given by --drop"
-    calib = _calibration_windows(args, model, tokenizer, seq_len)
-    evalw = _evaluation_windows(args, model, tokenizer, seq_len)
+    calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
+    evalw = _on_main(args, _evaluation_windows, args, model, tokenizer, seq_len)
     if not args.drop:
-        drop = demo_block_selection(model, batches_from_windows(calib, args.batch_size), args.num_drop)
-        rule = f"contiguous block of {args.num_drop} with the most similar input and output (cosine)"
+        batches = batches_from_windows(calib, args.batch_size)
+        selection = _shared(args, select_layers, model, batches, args.select, args.num_drop, **options)
+        drop = list(selection.selected)
+        rule = f"strategy {selection.strategy} ({selection.score_name}, removes the {selection.removes})"
     progress = not args.no_progress
-    dense = perplexity(model, evalw, batch_size=args.batch_size, progress=progress, desc="dense")
+    dense = _on_main(
+        args, perplexity, model, evalw, batch_size=args.batch_size, progress=progress, desc="dense"
+    )
     run, saved = _run_methods(
         args,
         model=model,
@@ -769,40 +1097,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         methods=methods,
         calib_windows=calib,
         eval_windows=evalw,
-        dense_ppl=dense.perplexity,
+        dense_ppl=None if dense is None else dense.perplexity,
         save_method=DEMO_SAVED_METHOD,
         out_dir=out,
     )
-    run.extra.update(_extra(args, calib, evalw, dense))
-    run.extra["selection"] = rule
-    run.extra["demo_model"] = str(model_dir)
-    run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
-    print(f"selection: layers {drop}, {rule}")
-    sampled = "sampled from the dense model"
-    print(
-        f"data: {calib.shape[0]} calibration sequences ({'text' if args.calib_text else sampled}), "
-        f"{evalw.shape[0]} evaluation sequences ({'text' if args.eval_text else sampled}), "
-        f"{seq_len} tokens each, seed {args.seed}"
-    )
-    print(format_table(run))
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        save(
-            saved,
-            tmp / "model",
-            tokenizer=tokenizer,
-            original_model="ghostsolve-demo",
-            extra={"selection": rule},
+
+    def finish() -> None:
+        run.extra.update(_extra(args, calib, evalw, dense))
+        run.extra["selection"] = rule if selection is None else selection.to_report()
+        run.extra["demo_model"] = str(model_dir)
+        print(f"selection: layers {drop}, {rule}")
+        sampled = "sampled from the dense model"
+        print(
+            f"data: {calib.shape[0]} calibration sequences ({'text' if args.calib_text else sampled}), "
+            f"{evalw.shape[0]} evaluation sequences ({'text' if args.eval_text else sampled}), "
+            f"{seq_len} tokens each, seed {args.seed}"
         )
-        plot_perplexities(run, tmp / "perplexity.png")
-        run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
-        report = build_report(run)
-        write_report(report, tmp / "report.json")
-    if args.report:
-        write_report(report, args.report)
-    print(f"checkpoint ({DEMO_SAVED_METHOD}): {out / 'model'}")
-    print(f"plot: {out / 'perplexity.png'}")
-    print(f"report: {args.report or out / 'report.json'}")
-    print(f"wall time: {time.perf_counter() - start:.1f} s")
+        print(format_table(run))
+        with atomic_directory(out, overwrite=args.overwrite) as tmp:
+            save(
+                saved,
+                tmp / "model",
+                tokenizer=tokenizer,
+                original_model="ghostsolve-demo",
+                extra={"selection": rule},
+            )
+            plot_perplexities(run, tmp / "perplexity.png")
+            run.extra["wall_seconds"] = round(time.perf_counter() - start, 2)
+            report = build_report(run)
+            write_report(report, tmp / "report.json")
+        if args.report:
+            write_report(report, args.report)
+        print(f"checkpoint ({DEMO_SAVED_METHOD}): {out / 'model'}")
+        print(f"plot: {out / 'perplexity.png'}")
+        print(f"report: {args.report or out / 'report.json'}")
+        print(f"wall time: {time.perf_counter() - start:.1f} s")
+
+    _on_main(args, finish)
     return 0
 
 
@@ -826,7 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `ghostsolve demo`: it runs the whole job on a bundled model in about a minute.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     prune = sub.add_parser(
         "prune",
@@ -931,7 +1262,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-drop",
         type=_positive,
         default=DEMO_NUM_DROP,
-        help=f"layers to remove, chosen by the demo's selection rule (default: {DEMO_NUM_DROP})",
+        help=f"layers to remove, chosen by --select (default: {DEMO_NUM_DROP})",
+    )
+    demo.add_argument(
+        "--select",
+        default=DEMO_STRATEGY,
+        metavar="STRATEGY",
+        help=f"selection strategy (see `ghostsolve select --help`; default: {DEMO_STRATEGY}, the block "
+        "whose ghost fit leaves the smallest residual)",
     )
     demo.add_argument("--drop", metavar="LAYERS", help="remove these layers instead of selecting (e.g. 5-6)")
     demo.add_argument(
@@ -1004,6 +1342,22 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _join_torchrun(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
+    """Join torchrun's process group (a single-process context without torchrun) and keep every rank but
+    0 quiet: no stdout, no progress bars, log lines marked with the rank."""
+    from ghostsolve.pipeline.distributed import init_distributed
+
+    ctx = init_distributed()
+    args.dist = ctx
+    if ctx.world_size > 1:
+        for handler in logging.getLogger("ghostsolve").handlers:
+            handler.setFormatter(logging.Formatter(f"ghostsolve[rank {ctx.rank}]: %(message)s"))
+    if not ctx.is_main:
+        args.no_progress = True
+        stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return ctx
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ghostsolve`` command line; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     parser = build_parser()
@@ -1013,6 +1367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else _EXIT_ERROR
     _configure_logging(args)
     func: Callable[[argparse.Namespace], int] = args.func
+    ctx = None
     threads = getattr(args, "threads", None)
     previous_threads = None
     if threads is not None:
@@ -1021,16 +1376,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     try:
-        return func(args)
+        with contextlib.ExitStack() as stack:
+            if args.command in _DISTRIBUTED_COMMANDS:
+                ctx = _join_torchrun(args, stack)
+            return func(args)
     except KeyboardInterrupt:
         print("ghostsolve: interrupted", file=sys.stderr)
         return 130
     except (GhostsolveError, OSError, ValueError, RuntimeError, ImportError) as exc:
         if getattr(args, "traceback", False) or os.environ.get("GHOSTSOLVE_TRACEBACK"):
             raise
-        print(f"ghostsolve: error: {_one_line(exc)}", file=sys.stderr)
+        where = f" (rank {ctx.rank})" if ctx is not None and ctx.world_size > 1 else ""
+        print(f"ghostsolve: error{where}: {_one_line(exc)}", file=sys.stderr)
         return _EXIT_ERROR
     finally:
+        if ctx is not None:
+            from ghostsolve.pipeline.distributed import destroy_distributed
+
+            destroy_distributed(ctx)
         if previous_threads is not None:
             import torch
 
