@@ -195,17 +195,18 @@ def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: in
             return math.inf
     if not all_finite(L):
         return math.inf
+    # Blocks of 4 vectors: a lone right-hand side sends solve_triangular down a path ~100× slower on CPU.
+    k = min(4, d)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(d, 1, generator=gen, dtype=torch.float64).to(A64.device)
-    w = v.clone()
+    V = torch.randn(d, k, generator=gen, dtype=torch.float64).to(A64.device)
+    W = V.clone()
     for _ in range(iters):
-        v = A64 @ v
-        v = v / v.norm()
-        w = _chol_solve(L, w)
-        w = w / w.norm()
-    lmax = float(v.T @ A64 @ v)
-    # λ_max(A⁻¹) ≈ ‖L⁻¹ w‖²: no cancellation against ‖A‖, unlike the Rayleigh quotient wᵀAw.
-    inv_max = float(torch.linalg.solve_triangular(L, w, upper=False).pow(2).sum())
+        V = torch.linalg.qr(A64 @ V).Q
+        W = torch.linalg.qr(_chol_solve(L, W)).Q
+    lmax = float(torch.linalg.eigvalsh(V.T @ A64 @ V).max())
+    # λ_max(A⁻¹) ≈ max ‖L⁻¹ w‖² over the block: no cancellation against ‖A‖ (unlike wᵀAw).
+    Z = torch.linalg.solve_triangular(L, W, upper=False)
+    inv_max = float(torch.linalg.eigvalsh(Z.T @ Z).max())
     if lmax <= 0 or inv_max <= 0 or not math.isfinite(inv_max):
         return math.inf
     return lmax * inv_max
@@ -224,16 +225,16 @@ def _cond_r(R11: torch.Tensor, iters: int = 30) -> float:
     if d <= _EXACT_COND_MAX_D:
         s = torch.linalg.svdvals(R)
         return math.inf if float(s[-1]) == 0 else float(s[0] / s[-1])
+    k = min(4, d)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(d, 1, generator=gen, dtype=torch.float64).to(R.device)
-    w = v.clone()
+    V = torch.randn(d, k, generator=gen, dtype=torch.float64).to(R.device)
+    W = V.clone()
     for _ in range(iters):
-        v = R.T @ (R @ v)
-        v = v / v.norm()
-        w = torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.T, w, upper=False), upper=True)
-        w = w / w.norm()
-    smax = float((R @ v).norm())
-    inv = float(torch.linalg.solve_triangular(R.T, w, upper=False).norm())
+        V = torch.linalg.qr(R.T @ (R @ V)).Q
+        W = torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.mT, W, upper=False), upper=True)
+        W = torch.linalg.qr(W).Q
+    smax = float(torch.linalg.matrix_norm(R @ V, ord=2))
+    inv = float(torch.linalg.matrix_norm(torch.linalg.solve_triangular(R.mT, W, upper=False), ord=2))
     return smax * inv if math.isfinite(inv) else math.inf
 
 
