@@ -37,6 +37,7 @@ from ghostsolve.errors import GhostsolveError
 from ghostsolve.families import FAMILIES
 from ghostsolve.fit import Fit, fit
 from ghostsolve.pipeline.capture import Interval, _capture_cross, _capture_dense
+from ghostsolve.pipeline.distributed import all_reduce_stats
 from ghostsolve.pipeline.fold import fold_prune_comp, fold_replaceme, require_pre_norm
 from ghostsolve.pipeline.surgery import (
     FINAL_NORM,
@@ -301,6 +302,10 @@ def _run_method(
                 target, adapter, x_start, model, adapter, interval[1], batches,
                 mlp=method == "replaceme", key=interval, **_capture_kwargs(settings),
             )  # fmt: skip
+            # Under torchrun each rank saw a shard of the batches: sum them (a no-op in one process).
+            all_reduce_stats({interval: res})
+            if mlp is not None:
+                all_reduce_stats({interval: mlp})
             capture_seconds += time.perf_counter() - tic
         fitted: Fit | None = None
         if family is not None:
@@ -398,6 +403,9 @@ def iter_recoveries(
         dense_res, dense_mlp = _capture_dense(
             model, batches, plan.intervals, mlp_intervals, adapter=plan.adapter, **_capture_kwargs(settings)
         )
+        # Under torchrun each rank saw a shard of the batches: sum them (a no-op in one process).
+        all_reduce_stats(dense_res)
+        all_reduce_stats(dense_mlp)
         capture_seconds = time.perf_counter() - tic
     for method in methods:
         yield (
