@@ -128,11 +128,14 @@ def test_demo_on_a_tiny_model(tmp_path, model_dir, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "identity (plain pruned)" in stdout and "wall time" in stdout
+    assert "strategy recoverable" in stdout  # the demo's default selection rule, named in its output
     assert sorted(p.name for p in out.iterdir()) == ["model", "perplexity.png", "report.json"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report == json.loads((out / "report.json").read_text())
     _check_contract(report, ["ghost", "identity", "diagonal"], "ghost")
     assert len(report["removed"]) == 2 and report["removed"][1] == report["removed"][0] + 1
+    assert report["selection"]["strategy"] == "recoverable"
+    assert report["selection"]["selected"] == report["removed"]
     assert report["calibration"]["source"] == "self"
     loaded = ghostsolve.load(out / "model")
     assert loaded.config.num_hidden_layers == 4
@@ -226,7 +229,7 @@ def test_usage_errors_and_help(capsys):
     capsys.readouterr()
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    for command in ("prune", "eval", "diagnose", "demo", "convert-llama2c"):
+    for command in ("prune", "eval", "diagnose", "demo", "select", "convert-llama2c"):
         assert command in top
     assert main(["prune", "--help"]) == 0
     text = capsys.readouterr().out

@@ -139,3 +139,17 @@ def test_multi_rank_recovery_is_refused_without_the_statistics_all_reduce(monkey
     with pytest.raises(GhostsolveError, match=r"does not sum calibration statistics across ranks yet"):
         _check_distributed_recovery(args)  # type: ignore[arg-type]
     _check_distributed_recovery(SimpleNamespace(dist=None))  # type: ignore[arg-type]  # one process: fine
+
+
+def test_demo_selects_with_the_strategy_asked_for(tmp_path, planted_dir, capsys):
+    rc = main(
+        [
+            "demo", "--model", str(planted_dir), "--out", str(tmp_path / "demo"), "--select", "angular",
+            "--num-calib", "8", "--num-eval", "4", "--seq-len", "24", "--recover", "ghost,identity",
+            "--report", str(tmp_path / "r.json"), *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert f"selection: layers {PLANTED}, strategy angular" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["removed"] == PLANTED and report["selection"]["strategy"] == "angular"
