@@ -136,3 +136,23 @@ def test_diagnose_under_torchrun_equals_one_process(tmp_path, model_dir, text, c
     assert d["n_rows"] == s["n_rows"] == 8 * 32
     for key in ("condition_gram", "condition_x", "channel_ratio"):
         assert _rel(d[key], s[key]) < 1e-10, key
+
+
+def test_select_under_torchrun_equals_one_process(tmp_path, model_dir, capsys):
+    # Self-sampled calibration is drawn on rank 0 and broadcast; rank 0 scores and writes.
+    common = [
+        "select", str(model_dir), "--strategy", "recoverable", "--num-drop", "2", "--calib", "self",
+        "--num-calib", "4", "--batch-size", "2", "--seq-len", "24", "--no-progress",
+    ]  # fmt: skip
+    log = _torchrun(
+        [*common, "--report", str(tmp_path / "dist.json"), "--plot", str(tmp_path / "d.png")], tmp_path
+    )
+    assert main([*common, "--report", str(tmp_path / "single.json")]) == 0
+    capsys.readouterr()
+    assert log.count("remove layers (0-based)") == 1 and log.count("report:") == 1
+    distributed, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dist", "single"))
+    assert distributed["selected"] == single["selected"]
+    assert len(distributed["scores"]) == len(single["scores"]) == 6 - 2 + 1
+    for a, b in zip(distributed["scores"], single["scores"], strict=True):
+        assert _rel(a, b) < 1e-10
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
