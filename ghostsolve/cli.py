@@ -897,7 +897,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     seq_len = _seq_len(args, model)
     calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
     batches = batches_from_windows(calib, args.batch_size)
-    drop = removal_set(_resolve_drop(args, model, batches)[0], int(model.config.num_hidden_layers))
+    chosen, selection = _resolve_drop(args, model, batches)
+    drop = removal_set(chosen, int(model.config.num_hidden_layers))
     intervals = intervals_of(drop)
     progress = not args.no_progress
     stats = capture_stats(
@@ -912,6 +913,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     def finish() -> None:
         rows = _boundary_rows(model, batches, intervals, args.max_rows, args.skip_first_token)
         report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
+        if selection is not None:
+            print(_selection_line(selection))
+            report["selection"] = selection.to_report()
         for interval in intervals:
             text, entry = _diagnose_interval(stats[interval], *rows[interval], interval)
             print(text)
@@ -1227,6 +1231,11 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
     diag_drop = diag.add_mutually_exclusive_group(required=True)
     diag_drop.add_argument("--drop", metavar="LAYERS", help="layers to remove: 5-7, 3,9 or 3,5-7")
+    diag_drop.add_argument(
+        "--select", metavar="STRATEGY", help="choose the layers with a selection strategy; needs --num-drop"
+    )
+    diag.add_argument("--num-drop", type=_positive, default=None, help="with --select: how many layers")
+    _add_strategy_options(diag)
     diag.add_argument("--report", metavar="FILE.json", help="write the diagnostics as JSON")
     diag.add_argument(
         "--max-rows",

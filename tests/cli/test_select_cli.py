@@ -153,3 +153,17 @@ def test_demo_selects_with_the_strategy_asked_for(tmp_path, planted_dir, capsys)
     assert f"selection: layers {PLANTED}, strategy angular" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["removed"] == PLANTED and report["selection"]["strategy"] == "angular"
+
+
+def test_diagnose_with_select(tmp_path, planted_dir, text, capsys):
+    rc = main(
+        [
+            "diagnose", str(planted_dir), "--select", "angular", "--num-drop", "2", *_calib(text),
+            "--max-rows", "128", "--report", str(tmp_path / "d.json"), *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert f"selection: layers {PLANTED}, strategy angular" in stdout and "boundary 2->4" in stdout
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["removed"] == PLANTED and report["selection"]["selected"] == PLANTED
