@@ -127,7 +127,9 @@ def _positive(value: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # shared option groups
 # ---------------------------------------------------------------------------------------------
-def _add_runtime(parser: argparse.ArgumentParser, *, batch_size: int = 8, threads: int | None = None) -> None:
+def _add_runtime(
+    parser: argparse.ArgumentParser, *, batch_size: int | None = 8, threads: int | None = None
+) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--device",
@@ -145,7 +147,12 @@ def _add_runtime(parser: argparse.ArgumentParser, *, batch_size: int = 8, thread
         "--batch-size",
         type=_positive,
         default=batch_size,
-        help=f"sequences per forward pass and per sampling batch (default: {batch_size})",
+        help="sequences per forward pass and per sampling batch (default: "
+        + (
+            f"{batch_size})"
+            if batch_size is not None
+            else "--num-calib, one batch; under torchrun, --num-calib divided by the number of processes)"
+        ),
     )
     group.add_argument(
         "--seed", type=int, default=0, help="seed of window selection and self-sampling (default: 0)"
@@ -526,6 +533,18 @@ def _my_batches(args: argparse.Namespace, batches: Sequence[Mapping[str, Any]]) 
     return shard_batches(batches, ctx.rank, ctx.world_size)
 
 
+def _check_shardable(args: argparse.Namespace) -> None:
+    """Fail before any sampling when the calibration batches cannot give every rank one."""
+    world = _world_size(args)
+    batches = -(-args.num_calib // args.batch_size)
+    if world > 1 and batches < world:
+        raise GhostsolveError(
+            f"--num-calib {args.num_calib} in batches of --batch-size {args.batch_size} makes {batches} "
+            f"batch(es), fewer than the {world} processes; every rank needs at least one: use a batch size "
+            f"of at most {args.num_calib // world}, more calibration sequences, or fewer processes"
+        )
+
+
 def _check_distributed_recovery(args: argparse.Namespace) -> None:
     """Refuse a multi-rank recovery when ``pipeline.recover`` does not sum statistics across ranks.
 
@@ -755,6 +774,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    _check_shardable(args)
     _check_distributed_recovery(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
@@ -893,6 +913,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.surgery import intervals_of, removal_set
 
     _check_drop_args(args)
+    _check_shardable(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
     calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
@@ -1075,6 +1096,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")
     options = {} if args.drop else _selection_options(args, args.select)
+    if args.batch_size is None:  # one calibration batch per rank
+        args.batch_size = max(1, args.num_calib // _world_size(args))
+    _check_shardable(args)
     _check_distributed_recovery(args)
     model, tokenizer = _load_model(str(model_dir), args)
     seq_len = _seq_len(args, model)
@@ -1306,7 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-first-token", action="store_true", help="exclude the BOS position from the statistics"
     )
     _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL, seq_len_default=DEMO_SEQ_LEN)
-    _add_runtime(demo, batch_size=DEMO_NUM_CALIB, threads=1)
+    _add_runtime(demo, batch_size=None, threads=1)
     demo.set_defaults(func=_cmd_demo)
 
     conv = sub.add_parser(
