@@ -19,7 +19,8 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (CPU, offline). Extra pytest arguments pass through."""
-    _install(session)
+    # The eval extra brings lm-eval, so the lm-evaluation-harness bridge is tested too.
+    _install(session, "dev,eval")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
@@ -27,7 +28,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
     _install(session)
-    session.run("ruff", "check", "ghostsolve", "tests", "benchmarks", "scripts", "noxfile.py")
+    session.run("ruff", "check", "ghostsolve", "tests", "benchmarks", "scripts", "examples", "noxfile.py")
     session.run("mypy")
 
 

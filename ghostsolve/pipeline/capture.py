@@ -117,9 +117,9 @@ def _as_inputs(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
 def _model_device(model: nn.Module, adapter: ModelAdapter) -> torch.device:
     emb = adapter.embeddings(model)
     # accelerate's offloading leaves parameters on "meta" and names the real device on its hook.
-    hook = getattr(emb, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
+    execution_device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device)
     for param in emb.parameters():
         if param.device.type != "meta":
             return param.device
