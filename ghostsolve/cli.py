@@ -545,22 +545,6 @@ def _check_shardable(args: argparse.Namespace) -> None:
         )
 
 
-def _check_distributed_recovery(args: argparse.Namespace) -> None:
-    """Refuse a multi-rank recovery when ``pipeline.recover`` does not sum statistics across ranks.
-
-    Each rank would otherwise fit on its own shard only and save operators that depend on the rank count.
-    """
-    if _world_size(args) == 1:
-        return
-    from ghostsolve.pipeline import recover
-
-    if not hasattr(recover, "all_reduce_stats"):
-        raise GhostsolveError(
-            f"this ghostsolve's recovery does not sum calibration statistics across ranks yet, so a run "
-            f"with {_world_size(args)} processes would fit each rank on its own shard; run without torchrun"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # shared work
 # ---------------------------------------------------------------------------------------------
@@ -775,7 +759,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if out is not None and out.exists() and not args.overwrite:
         raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
     _check_shardable(args)
-    _check_distributed_recovery(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
     if args.drop:  # fail on a bad removal set before any sampling or capture
@@ -1099,7 +1082,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.batch_size is None:  # one calibration batch per rank
         args.batch_size = max(1, args.num_calib // _world_size(args))
     _check_shardable(args)
-    _check_distributed_recovery(args)
     model, tokenizer = _load_model(str(model_dir), args)
     seq_len = _seq_len(args, model)
     selection = None

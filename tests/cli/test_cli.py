@@ -64,6 +64,7 @@ def test_prune_end_to_end(tmp_path, model_dir, text, capsys):
     assert report["calibration"] == {"source": "text", "files": [str(text)], "sequences": 16, "seq_len": 32}
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     info = checkpoint_info(out)
+    assert info is not None
     assert info["method"] == "ghost" and info["removed"] == [2, 3]
     assert info["original_model"] == str(model_dir)
     # The saved model reproduces the perplexity the table reports for it.
@@ -241,6 +242,7 @@ def test_usage_errors_and_help(capsys):
 def test_every_option_has_help_text():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert isinstance(subparsers, dict)
     for name, sub in subparsers.items():
         for action in sub._actions:
             if action.help != "==SUPPRESS==":

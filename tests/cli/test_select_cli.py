@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ghostsolve.cli import _check_distributed_recovery, main
+from ghostsolve.cli import main
 from ghostsolve.errors import GhostsolveError
 from tests.pipeline._tiny import text_file, tiny_llama, tiny_tokenizer
 
@@ -129,16 +129,6 @@ def test_select_help_lists_every_strategy(capsys):
     assert main(["prune", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--select" in text and "--num-drop" in text
-
-
-def test_multi_rank_recovery_is_refused_without_the_statistics_all_reduce(monkeypatch):
-    from ghostsolve.pipeline import recover
-
-    monkeypatch.delattr(recover, "all_reduce_stats", raising=False)
-    args = SimpleNamespace(dist=SimpleNamespace(world_size=2, rank=0, is_main=True))
-    with pytest.raises(GhostsolveError, match=r"does not sum calibration statistics across ranks yet"):
-        _check_distributed_recovery(args)  # type: ignore[arg-type]
-    _check_distributed_recovery(SimpleNamespace(dist=None))  # type: ignore[arg-type]  # one process: fine
 
 
 def test_demo_selects_with_the_strategy_asked_for(tmp_path, planted_dir, capsys):

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from ghostsolve.cli import main
-from ghostsolve.pipeline import recover
 from tests.pipeline._tiny import text_file, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,18 +73,14 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
-@pytest.mark.xfail(
-    not hasattr(recover, "all_reduce_stats"),
-    reason="pipeline.recover does not all-reduce the captured statistics yet; the CLI refuses multi-rank "
-    "recovery until it does",
-    strict=True,
-)
-def test_prune_under_torchrun_equals_one_process(tmp_path, model_dir, capsys):
+@pytest.mark.parametrize("order", ["independent", "sequential"])
+def test_prune_under_torchrun_equals_one_process(tmp_path, model_dir, capsys, order):
     # Self-sampled calibration: rank 0 samples and broadcasts; 8 windows in batches of 2 give each rank
     # 2 batches. Two removed intervals, so the all-reduce covers more than one boundary.
     common = [
         "prune", str(model_dir), "--drop", "1,3-4", "--calib", "self", "--num-calib", "8", "--batch-size",
-        "2", "--seq-len", "24", "--num-eval", "4", "--recover", "ghost,identity,diagonal", "--no-progress",
+        "2", "--seq-len", "24", "--num-eval", "4", "--recover", "ghost,identity,diagonal", "--order", order,
+        "--no-progress",
     ]  # fmt: skip
     dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
     dist_dir.mkdir()
