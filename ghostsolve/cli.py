@@ -24,7 +24,7 @@ from typing import Any
 
 from ghostsolve.errors import GhostsolveError
 
-__all__ = ["build_parser", "demo_block_selection", "main", "parse_layers"]
+__all__ = ["build_parser", "main", "parse_layers"]
 
 logger = logging.getLogger("ghostsolve.cli")
 
@@ -408,65 +408,6 @@ def _resolve_drop(
         return parse_layers(args.drop), None
     selection = _shared(args, select_layers, model, batches, args.select, args.num_drop, **options)
     return list(selection.selected), selection
-
-
-def demo_block_selection(model: Any, batches: Sequence[Mapping[str, Any]], num_drop: int) -> list[int]:
-    """The demo's selection rule: the contiguous block of ``num_drop`` layers whose input and output hidden
-    states are most alike (highest mean cosine similarity over calibration tokens).
-
-    The first layer and the last layer are never chosen (both are known to matter most), and the first
-    token of each window (BOS) is left out of the average. Ties go to the earliest block.
-
-    Parameters
-    ----------
-    model : transformers causal LM
-        Called with ``output_hidden_states=True``; ``hidden_states[i]`` is the input of layer ``i``.
-    batches : sequence of dict
-        ``input_ids`` ``(b, t)`` and optional ``attention_mask``.
-    num_drop : int
-        Block length, ``1 <= num_drop <= num_layers - 2``.
-
-    Returns
-    -------
-    list of int
-        The sorted indices of the chosen block.
-
-    Raises
-    ------
-    GhostsolveError
-        If ``num_drop`` is out of range.
-    """
-    import torch
-
-    num_layers = int(model.config.num_hidden_layers)
-    if not 1 <= num_drop <= num_layers - 2:
-        raise GhostsolveError(
-            f"--num-drop is {num_drop}; the demo keeps the first and last layer, so it must be in "
-            f"1..{num_layers - 2} for a {num_layers}-layer model"
-        )
-    starts = range(1, num_layers - num_drop)  # block [s, s + n) with s >= 1 and s + n <= L - 1
-    sums = torch.zeros(len(starts), dtype=torch.float64)
-    count = 0
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            keep = mask.bool().clone()
-            keep[:, 0] = False
-            for j, s in enumerate(starts):
-                cos = torch.nn.functional.cosine_similarity(
-                    hidden[s][keep].double(), hidden[s + num_drop][keep].double(), dim=-1
-                )
-                sums[j] += cos.sum().cpu()
-            count += int(keep.sum())
-    best = int(torch.argmax(sums / max(count, 1)))
-    chosen = list(range(starts[best], starts[best] + num_drop))
-    logger.info("demo selection: block %s (mean cosine %.4f)", chosen, float(sums[best] / max(count, 1)))
-    return chosen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 import ghostsolve
-from ghostsolve.cli import DEMO_MODEL_DIR, build_parser, demo_block_selection, main, parse_layers
+from ghostsolve.cli import DEMO_MODEL_DIR, build_parser, main, parse_layers
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.checkpoint import checkpoint_info
 from tests.conftest import require_shared
-from tests.pipeline._tiny import text_file, tiny_llama, tiny_model_dir
+from tests.pipeline._tiny import text_file, tiny_model_dir
 
 QUIET = ["--no-progress"]
 
@@ -143,20 +142,6 @@ def test_demo_on_a_tiny_model(tmp_path, model_dir, capsys):
     # An existing --out is refused, and left as it was.
     assert main(["demo", "--model", str(model_dir), "--out", str(out), *QUIET]) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-def test_demo_block_selection_prefers_the_most_similar_block():
-    torch.manual_seed(0)
-    model = tiny_llama(50, layers=6)
-    # Zero the output projections of layers 3 and 4: they add nothing, so their input equals their output.
-    with torch.no_grad():
-        for i in (3, 4):
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
-    batches = [{"input_ids": torch.randint(0, 50, (2, 10))}]
-    assert demo_block_selection(model, batches, 2) == [3, 4]
-    with pytest.raises(GhostsolveError, match=r"must be in 1\.\.4"):
-        demo_block_selection(model, batches, 5)
 
 
 @pytest.mark.slow
