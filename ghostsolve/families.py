@@ -179,6 +179,11 @@ def _symmetric(p: Problem, solver: str) -> FamilyResult:
         V = Vh.T
         cutoff = rank_cutoff(d, p.dtype, from_gram=False) ** 2
         used = "svd"
+        if solver == "qr":
+            notes.append(
+                "family='symmetric' needs eigenpairs of XᵀX+λI; solver='qr' gave them through the SVD of the "
+                "TSQR factor R (same stability, no normal equations)"
+            )
     else:
         if solver not in ("auto", "eigh", "svd"):
             notes.append(

@@ -160,7 +160,8 @@ class Fit:
     objective : float
         ``Σ_rows ‖x W − y‖²`` from the statistics (float64; without the ridge penalty).
     relative_residual : float
-        ``objective / Σ_rows ‖y − x‖²`` (1 for ``identity``; ``nan`` when ``Y == X`` exactly).
+        ``objective / Σ_rows ‖y − x‖²`` (1 for ``identity``). When ``Y == X`` exactly there is nothing to
+        recover: 0 if the fit is exact too, ``inf`` otherwise.
     diagnostics : FitDiagnostics
     n_rows : float
         Weighted number of rows the statistics hold.
@@ -444,7 +445,7 @@ def _make_fit(
     if dtd > 0:
         rel = objective / dtd
     else:
-        rel = 0.0 if objective == 0 else math.nan
+        rel = 0.0 if objective == 0 else math.inf
     if family in ("scalar-magnitude", "diagonal-magnitude", "hadamard-magnitude") and ridge:
         notes.append(f"family={family!r} is a magnitude rule; ridge={ridge:g} does not apply to it")
 

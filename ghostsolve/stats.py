@@ -322,9 +322,7 @@ class Stats:
             Different ``dim`` or ``qr`` settings.
         """
         self._compatible(other)
-        out = Stats(
-            self.dim, dtype=self.dtype, device=self.device, qr=self.qr, product_dtype=self.product_dtype
-        )
+        out = self._empty_like()
         for name in _SUMMED:
             a = getattr(self, name)
             if a is None:
@@ -336,14 +334,22 @@ class Stats:
             out.r_factor = _tsqr_step(self.r_factor, other.r_factor.to(dtype=self.dtype, device=self.device))
         return out
 
+    def _empty_like(self) -> Stats:
+        return Stats(
+            self.dim,
+            dtype=self.dtype,
+            device=self.device,
+            qr=self.qr,
+            product_dtype=self.product_dtype,
+            magnitudes=self.magnitudes,
+        )
+
     def __add__(self, other: Stats) -> Stats:
         return self.merge(other)
 
     def __radd__(self, other: Any) -> Stats:
         if isinstance(other, int) and other == 0:  # so that sum(list_of_stats) works
-            return self.merge(
-                Stats(self.dim, dtype=self.dtype, device=self.device, qr=self.qr, magnitudes=self.magnitudes)
-            )
+            return self.merge(self._empty_like())
         return NotImplemented
 
     def to(self, device: torch.device | str) -> Stats:

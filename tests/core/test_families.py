@@ -167,6 +167,21 @@ def test_lowrank_monotone_and_equal_to_full_at_d(case: Case) -> None:
     assert objs[0] == pytest.approx(objective(case.X, case.Y, np.zeros((case.d, case.d))))
 
 
+@given(case=cases(max_d=12, allow_wide=False, conds=(1.0, 1e2)), data=st.data())
+def test_lowrank_is_the_reduced_rank_regression_optimum(case: Case, data: st.DataObject) -> None:
+    """Independent reference: with Δ = Y − X and M_full the least-squares solution, the rank-r optimum of
+    ‖X M − Δ‖² is M_full V_r V_rᵀ, V_r the top-r right singular vectors of the fitted values X M_full."""
+    r = data.draw(st.integers(1, case.d))
+    Xn, Dn = case.X.numpy(), (case.Y - case.X).numpy()
+    M_full = np.linalg.lstsq(Xn, Dn, rcond=None)[0]
+    V = np.linalg.svd(Xn @ M_full)[2].T[:, :r]
+    reference = M_full @ V @ V.T
+    got = ghostsolve.fit(case.X, case.Y, family="lowrank", rank=r)
+    ref_obj = objective(case.X, case.Y, reference)
+    assert got.objective == pytest.approx(ref_obj, rel=1e-8, abs=1e-12 * float((Dn**2).sum()))
+    assert np.linalg.matrix_rank(got.delta.numpy(), tol=1e-9 * float(np.abs(M_full).max())) <= r
+
+
 @given(seed=st.integers(0, 2**31 - 1))
 def test_symmetric_cannot_reach_a_skew_optimum(seed: int) -> None:
     """A skew part in the optimal M is out of reach of every symmetric operator (docs/theory.md)."""

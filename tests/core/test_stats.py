@@ -50,13 +50,18 @@ def test_streaming_any_split_equals_one_shot(case: Case, data: st.DataObject) ->
 def test_merge_associative_and_order_independent(case: Case, data: st.DataObject) -> None:
     i, j = sorted(data.draw(st.lists(st.integers(0, case.n), min_size=2, max_size=2)))
     qr = data.draw(st.booleans())
-    parts = [Stats(case.d, qr=qr).update(case.X[a:b], case.Y[a:b]) for a, b in ((0, i), (i, j), (j, case.n))]
+    magnitudes = data.draw(st.booleans())
+    parts = [
+        Stats(case.d, qr=qr, magnitudes=magnitudes).update(case.X[a:b], case.Y[a:b])
+        for a, b in ((0, i), (i, j), (j, case.n))
+    ]
     a, b, c = parts
     left, right, rev = (a + b) + c, a + (b + c), c.merge(b).merge(a)
     total = sum(parts)
     assert isinstance(total, Stats)
-    whole = Stats(case.d, qr=qr).update(case.X, case.Y)
+    whole = Stats(case.d, qr=qr, magnitudes=magnitudes).update(case.X, case.Y)
     for s in (left, right, rev, total):
+        assert s.magnitudes == magnitudes
         _same(s, whole)
         if case.cond_x <= 1e4:
             assert ghostsolve.fit(s).objective == pytest.approx(ghostsolve.fit(whole).objective, rel=1e-8)

@@ -175,8 +175,11 @@ def test_identity_alone_needs_no_capture() -> None:
 
 
 def test_unconstrained_ghost_has_the_lowest_residual() -> None:
+    # ReplaceMe maps the MLP output, not the residual stream, so it lies outside the family x + x M and
+    # may legitimately beat ghost; every other method is a member of that family.
     model = tiny_model("qwen3")
-    recoveries = recover_all(model, [1, 2], BATCHES, progress=False)
+    methods = [m for m in METHODS if m != "replaceme"]
+    recoveries = recover_all(model, [1, 2], BATCHES, methods, progress=False)
     ghost = recoveries["ghost"].relative_residuals[(1, 3)]
     assert recoveries["identity"].relative_residuals[(1, 3)] == 1.0
     for method, rec in recoveries.items():
