@@ -18,7 +18,8 @@ the recovery method, the ghost layout and the fit diagnostics. Every load checks
 architecture exactly: a missing, unexpected or mis-shaped tensor (a missing operator weight, say) raises.
 
 Writes are atomic: everything is written into a temporary directory beside ``out_dir``, then renamed into
-place; an existing ``out_dir`` is refused unless ``overwrite=True``.
+place (with the modes the umask asks for, see :mod:`ghostsolve.pipeline.atomic`); an existing
+``out_dir`` is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +37,7 @@ import torch
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.atomic import atomic_directory, refuse_existing
 
 __all__ = [
     "CONFIG_SECTION",
@@ -72,57 +70,6 @@ def _version() -> str:
         return version("ghostsolve")
     except PackageNotFoundError:
         return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic directories
-# ---------------------------------------------------------------------------------------------
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise GhostsolveError(
-            f"output {str(out)!r} already exists; choose another --out or pass --overwrite (overwrite=True)"
-        )
-    if out.exists() and not out.is_dir():
-        raise GhostsolveError(
-            f"output {str(out)!r} exists and is not a directory; remove it or choose another"
-        )
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds.
-
-    The temporary directory sits in the same parent (so the final ``os.rename`` is atomic on one
-    filesystem). On any exception it is deleted and ``out_dir`` is left as it was. With ``overwrite``, an
-    existing ``out_dir`` is moved aside, the new one renamed in, and the old one deleted.
-
-    Raises
-    ------
-    GhostsolveError
-        If ``out_dir`` exists and ``overwrite`` is false, or exists and is not a directory.
-    """
-    out = Path(out_dir).absolute()
-    _refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        # Re-check: another process may have created out_dir while we were writing.
-        _refuse_existing(out, overwrite)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +252,7 @@ def save(
         )
     model: Any = candidate
     out = Path(out_dir)
-    _refuse_existing(out.absolute(), overwrite)
+    refuse_existing(out.absolute(), overwrite)
     adapter = get_adapter(model)
     ghosts = _ghost_entries(model, adapter)
     section = _section(recovery_or_model, model, original_model, extra)

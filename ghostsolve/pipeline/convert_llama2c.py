@@ -24,9 +24,7 @@ vocabulary size there means an untied classifier stored after the RoPE tables) a
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.atomic import atomic_directory, refuse_existing
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -514,8 +513,8 @@ def convert_llama2c(
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32) and the tokenizer
     files (``tokenizer.json``, ``tokenizer_config.json``), all loadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)``.
-    The write is atomic: everything goes to a temporary directory beside ``out_dir`` that is renamed into
-    place at the end, so a failure leaves no partial directory.
+    The write is atomic (:func:`ghostsolve.pipeline.atomic.atomic_directory`): a failure leaves no partial
+    directory and an overwritten ``out_dir`` as it was.
 
     Parameters
     ----------
@@ -540,29 +539,14 @@ def convert_llama2c(
         :func:`read_llama2c_checkpoint`, :func:`read_llama2c_tokenizer`).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise GhostsolveError(
-            f"output directory {out} already exists; pass overwrite=True (--overwrite) to replace it"
-        )
+    refuse_existing(out, overwrite)
     model, hf_tok = load_llama2c(checkpoint, tokenizer)
     model.config.architectures = ["LlamaForCausalLM"]
     from transformers import GenerationConfig
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
         GenerationConfig(bos_token_id=_BOS, eos_token_id=_EOS).save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     LOG.info("converted %s to %s", checkpoint, out)
     return out

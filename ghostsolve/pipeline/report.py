@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.atomic import check_destination, save_png, write_text
 
-__all__ = ["MethodResult", "RunResult", "build_report", "format_table", "plot_perplexities", "write_report"]
+__all__ = [
+    "MethodResult",
+    "RunResult",
+    "build_report",
+    "format_table",
+    "new_figure",
+    "plot_perplexities",
+    "write_report",
+]
 
 PLAIN_PRUNED = "identity"
 """The method name of plain pruning (no recovery), drawn as the "pruned" reference."""
@@ -156,33 +163,22 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
     GhostsolveError
         If the parent folder does not exist.
     """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise GhostsolveError(
-            f"cannot write the report to {str(target)!r}: folder {str(target.parent)!r} does not exist"
-        )
     # allow_nan=False: a NaN would make the file unreadable to strict JSON parsers; fail here instead.
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text(path, text, what="the report")
 
 
-def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None = None) -> Path:
-    """A PNG bar chart of perplexity per method, with the dense and plain-pruned levels as lines.
+def new_figure(path: str | Path, figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` on its own Agg canvas, for a PNG that will be saved to ``path``.
 
-    matplotlib is imported lazily and drawn through its Agg canvas directly, so no global backend is set.
+    matplotlib is imported lazily and no global backend is set. The folder of ``path`` is checked first,
+    so a bad path fails before any drawing; save the figure with
+    :func:`ghostsolve.pipeline.atomic.save_png`.
 
     Raises
     ------
     GhostsolveError
-        If matplotlib is missing (install ``ghostsolve[model]``) or the folder does not exist.
+        If matplotlib is missing (install ``ghostsolve[model]``) or the folder of ``path`` does not exist.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -191,13 +187,25 @@ def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None 
         raise GhostsolveError(
             f"matplotlib is needed for the plot ({exc}); pip install 'ghostsolve[model]'"
         ) from exc
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise GhostsolveError(f"cannot write the plot to {str(target)!r}: its folder does not exist")
+    check_destination(path, what="the plot")
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None = None) -> Path:
+    """A PNG bar chart of perplexity per method, with the dense and plain-pruned levels as lines.
+
+    Drawn with :func:`new_figure` (no global matplotlib backend) and written atomically.
+
+    Raises
+    ------
+    GhostsolveError
+        If matplotlib is missing (install ``ghostsolve[model]``) or the folder does not exist.
+    """
     names = list(result.methods)
     values = [result.methods[n].perplexity for n in names]
-    fig = Figure(figsize=(max(7.0, 0.7 * len(names) + 4.0), 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(path, (max(7.0, 0.7 * len(names) + 4.0), 4.5))
     ax = fig.add_subplot()
     colors = [
         "tab:gray" if n == PLAIN_PRUNED else ("tab:red" if n == result.saved else "tab:blue") for n in names
@@ -226,5 +234,4 @@ def plot_perplexities(result: RunResult, path: str | Path, *, title: str | None 
         ax.set_ylim(max(0.0, min(finite) - 0.5 * span - 0.02 * min(finite)), max(finite) + 0.15 * span + 1e-9)
         ax.set_ylabel("perplexity (lower is better; axis not from 0)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.savefig(target, format="png", dpi=120)
-    return target
+    return save_png(fig, path)

@@ -12,8 +12,6 @@ as ``unit`` says (see :mod:`ghostsolve.pipeline.select`); a non-finite score is 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ from typing import Any
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.report import write_report
+from ghostsolve.pipeline.atomic import check_destination, save_png
+from ghostsolve.pipeline.report import new_figure, write_report
 from ghostsolve.pipeline.select import STRATEGIES, Batch, Selection, select_layers
 
 __all__ = [
@@ -90,31 +89,18 @@ def write_selection_report(selection: Selection, path: str | Path) -> Path:
 def plot_selection(selection: Selection, path: str | Path, *, title: str | None = None) -> Path:
     """A PNG bar chart of the scores per layer (or per block start), removed bars highlighted.
 
-    matplotlib is imported lazily and drawn through its Agg canvas, so no global backend is set. The file
-    is written to a temporary name in the same folder and renamed.
+    Drawn with :func:`ghostsolve.pipeline.report.new_figure` (no global matplotlib backend) and written
+    atomically.
 
     Raises
     ------
     GhostsolveError
         If matplotlib is missing (install ``ghostsolve[model]``) or the folder does not exist.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise GhostsolveError(
-            f"matplotlib is needed for the plot ({exc}); pip install 'ghostsolve[model]'"
-        ) from exc
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise GhostsolveError(
-            f"cannot write the plot to {str(target)!r}: folder {str(target.parent)!r} does not exist"
-        )
     n = len(selection.scores)
     chosen = _chosen_rows(selection)
     values = [s if math.isfinite(s) else 0.0 for s in selection.scores]
-    fig = Figure(figsize=(max(6.0, 0.35 * n + 2.5), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(path, (max(6.0, 0.35 * n + 2.5), 4.0))
     ax = fig.add_subplot()
     colors = ["tab:red" if i in chosen else "tab:blue" for i in range(n)]
     ax.bar(range(n), values, color=colors)
@@ -131,15 +117,7 @@ def plot_selection(selection: Selection, path: str | Path, *, title: str | None 
     if finite and min(finite) > 0 and max(finite) / min(finite) > 50 and len(finite) == n:
         ax.set_yscale("log")
     ax.set_title(title or f"{selection.strategy}: remove layers {selection.selected}", fontsize=10)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return save_png(fig, path)
 
 
 def run_select_command(
@@ -164,10 +142,8 @@ def run_select_command(
         runs, so a typo does not waste a long calibration pass).
     """
     for label, p in (("report", report_path), ("plot", plot_path)):
-        if p is not None and not Path(p).parent.is_dir():
-            raise GhostsolveError(
-                f"cannot write the {label} to {str(p)!r}: folder {str(Path(p).parent)!r} does not exist"
-            )
+        if p is not None:
+            check_destination(p, what=f"the {label}")
     selection = select_layers(model, batches, strategy, num_drop, **options)
     if report_path is not None:
         write_selection_report(selection, report_path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -270,7 +272,14 @@ def test_untied_model_converts_and_loads(tmp_path: Path) -> None:
     _write_v0(tmp_path / "m.bin", a, tied=False)
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"x%d" % i for i in range(V - 3)]
     _write_tokenizer(tmp_path / "t.bin", pieces)
-    out = convert_llama2c(tmp_path / "m.bin", tmp_path / "t.bin", tmp_path / "hf")
+    old_mask = os.umask(0o022)
+    try:
+        out = convert_llama2c(tmp_path / "m.bin", tmp_path / "t.bin", tmp_path / "hf")
+    finally:
+        os.umask(old_mask)
+    # Readable by others as a plain mkdir/open would make it, not owner-only like tempfile's.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings is False
     assert torch.equal(model.lm_head.weight, torch.from_numpy(a["cls"].copy()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -76,5 +78,17 @@ def test_plot_writes_a_png_without_touching_the_global_backend(tmp_path):
     path = plot_perplexities(_run(), tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == backend
-    with pytest.raises(GhostsolveError, match="its folder does not exist"):
+    with pytest.raises(GhostsolveError, match=r"cannot write the plot to .*folder .* does not exist"):
         plot_perplexities(_run(), tmp_path / "no" / "p.png")
+
+
+def test_report_and_plot_follow_the_umask_and_leave_no_temporaries(tmp_path):
+    old = os.umask(0o022)
+    try:
+        report = write_report(build_report(_run()), tmp_path / "r.json")
+        plot = plot_perplexities(_run(), tmp_path / "p.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(report.stat().st_mode) == 0o644
+    assert stat.S_IMODE(plot.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "r.json"]
