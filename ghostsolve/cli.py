@@ -889,6 +889,7 @@ def _boundary_rows(
     import torch
 
     from ghostsolve.adapters import get_adapter
+    from ghostsolve.pipeline.devices import model_input_device
 
     adapter = get_adapter(model)
     layers, norm = adapter.layers(model), adapter.final_norm(model)
@@ -911,7 +912,7 @@ def _boundary_rows(
         for b in boundaries:
             module = layers[b] if b < num_layers else norm
             handles.append(module.register_forward_pre_hook(hook_for(b), with_kwargs=True))
-        device = next(model.parameters()).device
+        device = model_input_device(model, adapter)
         total = 0
         with torch.no_grad():
             for batch in batches:

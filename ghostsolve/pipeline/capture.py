@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.devices import model_input_device
 from ghostsolve.pipeline.surgery import unwrap
 from ghostsolve.stats import Stats
 
@@ -114,18 +115,6 @@ def _as_inputs(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _model_device(model: nn.Module, adapter: ModelAdapter) -> torch.device:
-    emb = adapter.embeddings(model)
-    # accelerate's offloading leaves parameters on "meta" and names the real device on its hook.
-    execution_device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
-    if execution_device is not None:
-        return torch.device(execution_device)
-    for param in emb.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
-
-
 def _describe(boundary: int, num_layers: int) -> str:
     return "the final norm's input" if boundary == num_layers else f"the input of layer {boundary}"
 
@@ -161,7 +150,7 @@ class _Recorder:
         self.on_mlp = on_mlp
         self.last = self.boundaries[-1]
         self.fired: set[tuple[str, int]] = set()
-        self.device = _model_device(model, adapter)
+        self.device = model_input_device(model, adapter)
 
     def _boundary_hook(self, b: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.devices import model_input_device
 
 __all__ = ["Perplexity", "default_seq_len", "lm_eval_tasks", "perplexity"]
 
@@ -58,13 +59,6 @@ def default_seq_len(model_or_config: Any) -> int:
     config = getattr(model_or_config, "config", model_or_config)
     max_positions = getattr(config, "max_position_embeddings", None)
     return min(MAX_DEFAULT_SEQ_LEN, int(max_positions)) if max_positions else MAX_DEFAULT_SEQ_LEN
-
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -119,7 +113,7 @@ def perplexity(
         )
     if batch_size < 1:
         raise GhostsolveError(f"batch_size is {batch_size}; give a positive number")
-    device = _model_device(model)
+    device = model_input_device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

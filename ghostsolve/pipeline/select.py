@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.devices import model_input_device
 
 __all__ = [
     "STRATEGIES",
@@ -229,17 +230,10 @@ def _unpack(batch: Batch) -> tuple[Tensor, Tensor | None]:
     return input_ids, mask
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _forward(model: nn.Module, batch: Batch) -> Tensor:
     """Logits ``(batch, tokens, vocab)`` of one batch, without a cache."""
     input_ids, mask = _unpack(batch)
-    device = _model_device(model)
+    device = model_input_device(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
     if mask is not None:
         kwargs["attention_mask"] = mask.to(device)
