@@ -677,7 +677,23 @@ def _configure_logging(args: argparse.Namespace) -> None:
         pass
 
 
-def _write_report_and_plot(run: Any, report_path: str | None, extra: Mapping[str, Any]) -> None:
+def _check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
+    """Fail before any work if a file or directory the command will write cannot be written.
+
+    Covers ``--report`` and ``--plot`` (their folder must exist) and, when given, the ``--out`` directory
+    (refused if it exists without ``--overwrite``): a typo should not cost a whole run.
+    """
+    from ghostsolve.pipeline.atomic import check_destination, refuse_existing
+
+    for label in ("report", "plot"):
+        path = getattr(args, label, None)
+        if path:
+            check_destination(path, what=f"the {label}")
+    if out is not None:
+        refuse_existing(out.absolute(), bool(getattr(args, "overwrite", False)))
+
+
+def _write_run_report(run: Any, report_path: str | None, extra: Mapping[str, Any]) -> None:
     from ghostsolve.pipeline.report import build_report, write_report
 
     run.extra.update(extra)
@@ -697,8 +713,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     methods = _methods(args.recover)
     _check_drop_args(args)
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    _check_outputs(args, out)
     _check_shardable(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
@@ -750,7 +765,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if args.plot:
             plot_perplexities(run, args.plot)
             print(f"plot: {args.plot}")
-        _write_report_and_plot(run, args.report, extra)
+        _write_run_report(run, args.report, extra)
 
     _on_main(args, finish)
     return 0
@@ -788,6 +803,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.evaluate import lm_eval_tasks, perplexity
     from ghostsolve.pipeline.report import write_report
 
+    _check_outputs(args)
     model, tokenizer = _load_model(args.model, args)
     report: dict[str, Any] = {"model": args.model}
     if args.tasks:
@@ -837,6 +853,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.surgery import intervals_of, removal_set
 
     _check_drop_args(args)
+    _check_outputs(args)
     _check_shardable(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
@@ -966,12 +983,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from ghostsolve.pipeline.select_report import format_selection, run_select_command
 
     options = _selection_options(args, args.strategy)
-    for label, path in (("report", args.report), ("plot", args.plot)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise GhostsolveError(
-                f"cannot write the {label} to {path!r}: folder {str(Path(path).resolve().parent)!r} does not "
-                "exist; create it first"
-            )
+    _check_outputs(args)
     model, tokenizer = _load_model(args.model, args)
     seq_len = _seq_len(args, model)
     calib = _shared(args, _calibration_windows, args, model, tokenizer, seq_len)
@@ -1015,8 +1027,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "scripts/train_demo_model.py in a source checkout"
         )
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise GhostsolveError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    _check_outputs(args, out)
     methods = _methods(args.recover) if args.recover else _demo_methods(METHODS)
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in --recover")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -192,6 +193,45 @@ def test_errors_are_one_line_with_status_2(model_dir, text, capsys, argv, messag
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ghostsolve: error:") and message in err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "label"),
+    [
+        (["prune", "--drop", "1", "--report", "{bad}"], "report"),
+        (["prune", "--drop", "1", "--plot", "{bad}"], "plot"),
+        (["prune", "--drop", "1", "--report", "{bad}", "--out", "{out}"], "report"),
+        (["select", "--strategy", "angular", "--num-drop", "1", "--report", "{bad}"], "report"),
+        (["diagnose", "--drop", "1", "--report", "{bad}"], "report"),
+        (["eval", "--report", "{bad}"], "report"),
+    ],
+)
+def test_unwritable_outputs_fail_before_the_model_is_loaded(
+    tmp_path, model_dir, text, capsys, monkeypatch, argv, label
+):
+    import ghostsolve.cli as cli
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    bad = str(tmp_path / "missing" / "f")
+    command, *rest = [a.format(bad=bad, out=tmp_path / "ckpt") for a in argv]
+    calib = [] if command == "eval" else ["--calib-text", str(text)]
+    assert main([command, str(model_dir), *calib, *rest, *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the {label} to {bad!r}: folder" in err and "does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_demo_checks_its_report_before_the_model_is_loaded(tmp_path, model_dir, capsys, monkeypatch):
+    import ghostsolve.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *_a, **_k: pytest.fail("model loaded"))
+    bad = tmp_path / "missing" / "r.json"
+    argv = ["demo", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--report", str(bad), *QUIET]
+    assert main(argv) == 2
+    assert re.search(r"cannot write the report to .*r\.json'.* does not exist", capsys.readouterr().err)
 
 
 def test_missing_files_are_reported(tmp_path, model_dir, capsys):
