@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.capture import capture_stats, check_intervals
@@ -14,7 +14,7 @@ from tests.model_factories import TINY_FAMILIES, random_batches, tiny_model
 
 
 def reference_rows(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], start: int, end: int, skip_first: bool = False
+    model: Any, batches: list[dict[str, torch.Tensor]], start: int, end: int, skip_first: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """X, Y rows from output_hidden_states (index i = input of layer i; the last one pre-norm)."""
     model = copy.deepcopy(model)

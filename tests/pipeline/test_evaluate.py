@@ -20,6 +20,7 @@ class Bigram(nn.Module):
 
     def __init__(self, probs: torch.Tensor) -> None:
         super().__init__()
+        self.log_probs: torch.Tensor
         self.register_buffer("log_probs", probs.log())
 
     def forward(self, input_ids, attention_mask=None):
