@@ -18,6 +18,13 @@ Orders: ``"independent"`` fits every interval on the dense model's activations (
 for all intervals); ``"sequential"`` fits interval ``k`` with ``X`` taken from the model already
 pruned and recovered up to interval ``k-1`` and ``Y`` from the dense model, so the later operators
 also correct the error left by the earlier ones (two partial forwards per batch per extra interval).
+
+Captures: ``"hooks"`` runs the whole model where it sits and reads the streams with hooks;
+``"layerwise"`` (:func:`~ghostsolve.pipeline.offload.capture_stats_layerwise`) onloads one decoder
+layer at a time to an execution device, for models larger than it. Layer by layer, the sequential
+order is the single pass of its ``on_interval`` (each fitted operator applied to the carried pruned
+stream); ReplaceMe (MLP-output statistics) and sequential Prune&Comp (a scale folded into every layer
+before the cut) are hooks-only.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ghostsolve.fit import Fit, fit
 from ghostsolve.pipeline.capture import Interval, _capture_cross, _capture_dense
 from ghostsolve.pipeline.distributed import all_reduce_stats
 from ghostsolve.pipeline.fold import fold_prune_comp, fold_replaceme, require_pre_norm
+from ghostsolve.pipeline.offload import capture_stats_layerwise
 from ghostsolve.pipeline.surgery import (
     FINAL_NORM,
     GhostOperator,
@@ -51,6 +59,7 @@ from ghostsolve.pipeline.surgery import (
 from ghostsolve.stats import Stats
 
 __all__ = [
+    "CAPTURES",
     "FOLDED_METHODS",
     "METHODS",
     "ORDERS",
@@ -76,6 +85,8 @@ METHODS: tuple[str, ...] = (
 )
 #: Fitting orders for several intervals.
 ORDERS: tuple[str, ...] = ("independent", "sequential")
+#: Ways to capture the calibration statistics: hooks on the whole model, or layer by layer.
+CAPTURES: tuple[str, ...] = ("hooks", "layerwise")
 
 
 def family_of(method: str) -> str | None:
@@ -221,7 +232,13 @@ class _Plan:
 
 
 def _plan(
-    model: nn.Module, drop: Iterable[int], methods: Sequence[str], order: str, rank: int | None
+    model: nn.Module,
+    drop: Iterable[int],
+    methods: Sequence[str],
+    order: str,
+    rank: int | None,
+    capture: str = "hooks",
+    device: torch.device | str | None = None,
 ) -> _Plan:
     adapter = get_adapter(model)
     num_layers = len(adapter.layers(model))
@@ -235,7 +252,38 @@ def _plan(
         raise GhostsolveError(f"no recovery methods given; choose from {', '.join(METHODS)}")
     for method in methods:
         validate_method(method, adapter, intervals)
+    _check_capture(capture, device, methods, order, intervals)
     return _Plan(adapter, removed, intervals, num_layers)
+
+
+def _check_capture(
+    capture: str,
+    device: torch.device | str | None,
+    methods: Sequence[str],
+    order: str,
+    intervals: Sequence[Interval],
+) -> None:
+    if capture not in CAPTURES:
+        raise GhostsolveError(f"unknown capture {capture!r}; choose one of {', '.join(CAPTURES)}")
+    if capture == "hooks":
+        if device is not None:
+            raise GhostsolveError(
+                f"device={str(device)!r} is the execution device of capture='layerwise'; capture='hooks' "
+                "runs the model where it sits, so move the model there or pass capture='layerwise'"
+            )
+        return
+    for method in methods:
+        if method == "replaceme":
+            raise GhostsolveError(
+                "method 'replaceme' fits the MLP output of the last kept layer, which capture='layerwise' "
+                "does not record (it carries the residual stream only); use capture='hooks'"
+            )
+        if method == "prune-comp" and order == "sequential" and len(intervals) > 1:
+            raise GhostsolveError(
+                "method 'prune-comp' in 'sequential' order folds each scale into every layer before its "
+                "cut, which capture='layerwise' cannot replay exactly in its single pass; use "
+                "capture='hooks' or order='independent'"
+            )
 
 
 def _apply_interval(
@@ -276,10 +324,23 @@ def _run_method(
     dense_capture_seconds: float,
     settings: _Settings,
     inplace: bool,
+    capture: str = "hooks",
+    device: torch.device | str | None = None,
 ) -> Recovery:
     adapter = plan.adapter
     family = family_of(method)
     sequential = order == "sequential" and family is not None and len(plan.intervals) > 1
+    fit_seconds = 0.0
+    capture_seconds = dense_capture_seconds
+    # Layer by layer, the sequential fits come out of one pass before any model is touched, so they
+    # are applied like independent ones; with hooks each interval is applied before the next capture.
+    presolved: dict[Interval, Fit] = {}
+    if sequential and capture == "layerwise":
+        assert family is not None
+        dense_res, presolved, fit_seconds, capture_seconds = _sequential_layerwise(
+            model, plan, family, batches, settings, device
+        )
+        sequential = False
     # Independent order fits everything before touching a model, so that a failing fit leaves even an
     # ``inplace`` model unmodified; sequential order needs each interval applied before the next
     # capture and works on a copy (inplace is refused there).
@@ -287,8 +348,6 @@ def _run_method(
     fits: dict[Interval, Fit | None] = {}
     relres: dict[Interval, float] = {}
     pending: list[tuple[Interval, int, int, Fit | None]] = []
-    fit_seconds = 0.0
-    capture_seconds = dense_capture_seconds
     offset = 0
     current_layers = plan.num_layers
     for k, interval in enumerate(plan.intervals):
@@ -307,8 +366,8 @@ def _run_method(
             if mlp is not None:
                 all_reduce_stats({interval: mlp})
             capture_seconds += time.perf_counter() - tic
-        fitted: Fit | None = None
-        if family is not None:
+        fitted: Fit | None = presolved.get(interval)
+        if family is not None and fitted is None:
             source = mlp if method == "replaceme" else res
             assert source is not None, "fitted methods always have statistics"
             tic = time.perf_counter()
@@ -342,6 +401,41 @@ def _run_method(
     )
 
 
+def _sequential_layerwise(
+    model: nn.Module,
+    plan: _Plan,
+    family: str,
+    batches: Iterable[Any],
+    settings: _Settings,
+    device: torch.device | str | None,
+) -> tuple[dict[Interval, Stats], dict[Interval, Fit], float, float]:
+    """Sequential order in one layer-by-layer pass: statistics, fits, fit and capture seconds.
+
+    Each interval is fitted as soon as its statistics are complete, and the same ghost operator that
+    :func:`_apply_interval` inserts is handed back to the pass, which carries it into ``X`` of the
+    later intervals.
+    """
+    fits: dict[Interval, Fit] = {}
+    fit_seconds = 0.0
+
+    def refit(interval: Interval, stats: Stats) -> GhostOperator:
+        nonlocal fit_seconds
+        # Under torchrun each rank saw a shard of the batches: sum them before fitting (every rank
+        # reaches each interval in the same order; a no-op in one process).
+        all_reduce_stats({interval: stats})
+        tic = time.perf_counter()
+        fits[interval] = _fit(stats, family, settings)
+        fit_seconds += time.perf_counter() - tic
+        return GhostOperator(fits[interval].delta, compute_dtype=settings.compute_dtype)
+
+    tic = time.perf_counter()
+    res = capture_stats_layerwise(
+        model, batches, plan.intervals, device=device, adapter=plan.adapter, on_interval=refit,
+        **_capture_kwargs(settings),
+    )  # fmt: skip
+    return res, fits, fit_seconds, time.perf_counter() - tic - fit_seconds
+
+
 def _capture_kwargs(settings: _Settings) -> dict[str, Any]:
     return {
         "skip_first_token": settings.skip_first_token,
@@ -370,6 +464,8 @@ def iter_recoveries(
     dtype: torch.dtype = torch.float64,
     product_dtype: torch.dtype | None = None,
     inplace: bool = False,
+    capture: str = "hooks",
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[str, Recovery]]:
     """Capture the dense statistics once, then yield ``(method, Recovery)`` for each method in turn.
 
@@ -379,7 +475,7 @@ def iter_recoveries(
     in ``independent`` order.
     """
     methods = list(dict.fromkeys(methods))
-    plan = _plan(model, drop, methods, order, rank)
+    plan = _plan(model, drop, methods, order, rank, capture, device)
     if inplace and (len(methods) > 1 or order == "sequential"):
         raise GhostsolveError(
             "inplace=True needs the dense model only once: it works for a single method in "
@@ -387,7 +483,11 @@ def iter_recoveries(
             "so pass inplace=False"
         )
     needs_extra_passes = order == "sequential" and len(plan.intervals) > 1
-    if needs_extra_passes and _is_one_shot(batches):
+    layerwise = capture == "layerwise"
+    if layerwise:
+        # The layer-by-layer pass materializes the batches anyway; a list serves every method's pass.
+        batches = list(batches)
+    elif needs_extra_passes and _is_one_shot(batches):
         raise GhostsolveError(
             "the sequential order iterates over the calibration batches once per interval; pass a list or "
             "a DataLoader, not a one-shot iterator or generator"
@@ -397,23 +497,30 @@ def iter_recoveries(
     dense_res: dict[Interval, Stats] = {}
     dense_mlp: dict[Interval, Stats] = {}
     capture_seconds = 0.0
-    if fitted_methods:
+    # Layer by layer, the sequential order makes its own pass per method: no dense pass is needed.
+    if fitted_methods and not (layerwise and needs_extra_passes):
         tic = time.perf_counter()
         mlp_intervals = plan.intervals if "replaceme" in methods else []
-        dense_res, dense_mlp = _capture_dense(
-            model, batches, plan.intervals, mlp_intervals, adapter=plan.adapter, **_capture_kwargs(settings)
-        )
+        if layerwise:
+            dense_res = capture_stats_layerwise(
+                model, batches, plan.intervals, device=device, adapter=plan.adapter,
+                **_capture_kwargs(settings),
+            )  # fmt: skip
+        else:
+            dense_res, dense_mlp = _capture_dense(
+                model, batches, plan.intervals, mlp_intervals, adapter=plan.adapter,
+                **_capture_kwargs(settings),
+            )  # fmt: skip
         # Under torchrun each rank saw a shard of the batches: sum them (a no-op in one process).
         all_reduce_stats(dense_res)
         all_reduce_stats(dense_mlp)
         capture_seconds = time.perf_counter() - tic
     for method in methods:
-        yield (
-            method,
-            _run_method(
-                model, plan, method, order, batches, dense_res, dense_mlp, capture_seconds, settings, inplace
-            ),
-        )
+        recovery = _run_method(
+            model, plan, method, order, batches, dense_res, dense_mlp, capture_seconds, settings, inplace,
+            capture, device,
+        )  # fmt: skip
+        yield method, recovery
 
 
 def recover(
@@ -432,6 +539,8 @@ def recover(
     progress: bool = True,
     dtype: torch.dtype = torch.float64,
     product_dtype: torch.dtype | None = None,
+    capture: str = "hooks",
+    device: torch.device | str | None = None,
 ) -> Recovery:
     """Remove layers ``drop`` from ``model`` and recover them with ``method``.
 
@@ -465,6 +574,14 @@ def recover(
         Show progress bars.
     dtype, product_dtype : torch.dtype
         Statistics precision (fp64) and per-chunk product precision (see :class:`ghostsolve.Stats`).
+    capture : {"hooks", "layerwise"}
+        ``"hooks"``: one whole-model forward per batch where the model sits. ``"layerwise"``: one decoder
+        layer on ``device`` at a time (:func:`~ghostsolve.pipeline.offload.capture_stats_layerwise`),
+        the same statistics up to fp64 rounding; the sequential order then takes a single pass per
+        method. Not for ``"replaceme"``, nor ``"prune-comp"`` in sequential order.
+    device : torch.device or str, optional
+        Execution device of ``capture="layerwise"`` (default: the current CUDA device, else the CPU);
+        must stay None with ``"hooks"``.
 
     Returns
     -------
@@ -475,7 +592,9 @@ def recover(
     GhostsolveError
         Invalid removal set (empty, out of range, duplicated, everything), unknown architecture,
         method or order, a fold that does not apply (post-norm model, ReplaceMe at layer 0),
-        NaN/Inf in the calibration activations, or a failed fit. The input model is unmodified then.
+        NaN/Inf in the calibration activations, or a failed fit; an unknown capture, a ``device`` with
+        ``capture="hooks"``, or a method ``capture="layerwise"`` cannot serve. The input model is
+        unmodified then.
 
     Examples
     --------
@@ -497,6 +616,8 @@ def recover(
         dtype=dtype,
         product_dtype=product_dtype,
         inplace=inplace,
+        capture=capture,
+        device=device,
     ):
         return recovery
     raise AssertionError("unreachable: one method yields one recovery")  # pragma: no cover
