@@ -847,7 +847,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from ghostsolve.pipeline.capture import capture_stats
+    from ghostsolve.pipeline.capture import capture_rows, capture_stats
     from ghostsolve.pipeline.data import batches_from_windows
     from ghostsolve.pipeline.distributed import all_reduce_stats
     from ghostsolve.pipeline.surgery import intervals_of, removal_set
@@ -873,7 +873,13 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     all_reduce_stats(stats)  # a no-op outside torchrun
 
     def finish() -> None:
-        rows = _boundary_rows(model, batches, intervals, args.max_rows, args.skip_first_token)
+        # Raw rows for compare_precisions; each pass stops early, so one per interval costs little.
+        rows = {
+            iv: capture_rows(
+                model, batches, iv, max_rows=args.max_rows, skip_first_token=args.skip_first_token
+            )
+            for iv in intervals
+        }
         report: dict[str, Any] = {"model": args.model, "removed": list(drop), "intervals": {}}
         if selection is not None:
             print(_selection_line(selection))
@@ -891,63 +897,6 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
     _on_main(args, finish)
     return 0
-
-
-def _boundary_rows(
-    model: Any,
-    batches: Sequence[Mapping[str, Any]],
-    intervals: Sequence[tuple[int, int]],
-    max_rows: int,
-    skip_first_token: bool,
-) -> dict[tuple[int, int], tuple[Any, Any]]:
-    """Raw boundary rows ``X`` (input of layer ``start``) and ``Y`` (input of layer ``end`` or of the final
-    norm), each ``(n, d)`` float64 on CPU, at most ``max_rows`` unmasked tokens: ``compare_precisions``
-    refits from raw rows in each precision, which statistics alone cannot do."""
-    import torch
-
-    from ghostsolve.adapters import get_adapter
-    from ghostsolve.pipeline.devices import model_input_device
-
-    adapter = get_adapter(model)
-    layers, norm = adapter.layers(model), adapter.final_norm(model)
-    num_layers = len(layers)
-    boundaries = sorted({b for iv in intervals for b in iv})
-    seen: dict[int, list[Any]] = {b: [] for b in boundaries}
-    current: dict[str, Any] = {}
-
-    def hook_for(b: int) -> Callable[..., None]:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            h = kwargs.get(adapter.hidden_states_kwarg)
-            if h is None:
-                h = args[adapter.hidden_states_arg_position] if b < num_layers else args[0]
-            seen[b].append(h.detach()[current["keep"]].double().cpu())
-
-        return hook
-
-    handles = []
-    try:
-        for b in boundaries:
-            module = layers[b] if b < num_layers else norm
-            handles.append(module.register_forward_pre_hook(hook_for(b), with_kwargs=True))
-        device = model_input_device(model, adapter)
-        total = 0
-        with torch.no_grad():
-            for batch in batches:
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                keep = (torch.ones_like(ids) if mask is None else mask.to(device)).bool().clone()
-                if skip_first_token:
-                    keep[:, 0] = False
-                current["keep"] = keep
-                model(input_ids=ids, attention_mask=keep.long() if mask is None else mask.to(device))
-                total += int(keep.sum())
-                if total >= max_rows:
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = {b: torch.cat(seen[b])[:max_rows] for b in boundaries}
-    return {iv: (rows[iv[0]], rows[iv[1]]) for iv in intervals}
 
 
 def _diagnose_interval(stats: Any, X: Any, Y: Any, interval: tuple[int, int]) -> tuple[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from ghostsolve.pipeline.devices import model_input_device
 from ghostsolve.pipeline.surgery import unwrap
 from ghostsolve.stats import Stats
 
-__all__ = ["Interval", "capture_stats", "check_intervals"]
+__all__ = ["Interval", "capture_rows", "capture_stats", "check_intervals"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,101 @@ def capture_stats(
         product_dtype=product_dtype,
     )
     return residual
+
+
+def capture_rows(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    interval: Interval,
+    *,
+    max_rows: int,
+    skip_first_token: bool = False,
+    adapter: ModelAdapter | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw boundary rows ``X`` and ``Y`` of one interval, for analyses that need rows, not statistics.
+
+    :func:`ghostsolve.compare_precisions` refits in each precision from raw rows, which accumulated
+    statistics cannot do. The rows follow the same rules as :func:`capture_stats` (padding and, with
+    ``skip_first_token``, each row's first *real* token are excluded), and the passes stop early: each
+    forward ends at the input of layer ``end``, and no further batch runs once ``max_rows`` rows are held.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        A causal LM with an adapter, on any device and in any dtype; it is not modified (hooks are
+        removed and training flags restored on every exit, including errors).
+    batches : iterable of dict
+        Each ``{"input_ids": (batch, seq) long tensor, "attention_mask": (batch, seq), optional}``.
+    interval : (start, end)
+        ``end`` exclusive, ``0 <= start < end <= num_layers``.
+    max_rows : int
+        At most this many token rows are returned (the first ones, in batch then row-major order).
+    skip_first_token : bool
+        Exclude each row's first real token (BOS / attention sink).
+    adapter : ModelAdapter, optional
+        Defaults to ``get_adapter(model)``.
+    progress : bool
+        Show a tqdm progress bar over the batches.
+
+    Returns
+    -------
+    X, Y : (n_tokens, d) tensors on the CPU, ``n_tokens <= max_rows``
+        ``X`` = the stream entering layer ``start``, ``Y`` = the stream entering layer ``end`` (the final
+        norm's input when ``end`` is the number of layers); a fit gives ``Y ≈ X W`` with ``W = I + M``.
+        Their dtype is the model's stream dtype, unchanged (e.g. bfloat16 for a bf16 model): no rounding
+        happens here, so callers choose their own precision (``X.double()``).
+
+    Raises
+    ------
+    GhostsolveError
+        An invalid interval, ``max_rows`` or batch; a hook that never fired; no batches; no unmasked token.
+    """
+    adapter = adapter if adapter is not None else get_adapter(model)
+    num_layers = len(adapter.layers(model))
+    ((start, end),) = check_intervals([interval], num_layers)
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise GhostsolveError(f"max_rows must be a positive integer, got {max_rows!r}")
+    held: dict[int, torch.Tensor] = {}
+
+    def on_boundary(b: int, h: torch.Tensor) -> None:
+        held[b] = h
+
+    recorder = _Recorder(model, adapter, (start, end), (), on_boundary)
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    total = 0
+    seen_batches = 0
+    with torch.no_grad(), recorder.installed():
+        for batch in _progress(batches, progress, "ghostsolve row capture"):
+            inputs = _as_inputs(batch, recorder.device)
+            weights = _row_weights(inputs["input_ids"], inputs.get("attention_mask"), skip_first_token)
+            try:
+                recorder.run(inputs)
+                x, y = held[start], held[end]
+            finally:
+                held.clear()
+            seen_batches += 1
+            if weights is None:
+                x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            else:
+                keep = weights > 0
+                x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+            take = min(max_rows - total, x.shape[0])
+            # A copy, so that no row aliases (and keeps alive) a whole activation of the model.
+            xs.append(x[:take].to("cpu", copy=True))
+            ys.append(y[:take].to("cpu", copy=True))
+            total += take
+            if total >= max_rows:
+                break
+    if seen_batches == 0:
+        raise GhostsolveError("no calibration batches: the batches iterable was empty")
+    if total == 0:
+        raise GhostsolveError(
+            f"interval {(start, end)} saw no calibration tokens (every position was padding or the "
+            "skipped first token); pass longer or more sequences"
+        )
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _capture_dense(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.capture import capture_stats, check_intervals
+from ghostsolve.pipeline.capture import capture_rows, capture_stats, check_intervals
 from tests.model_factories import TINY_FAMILIES, random_batches, tiny_model
 
 
@@ -184,3 +184,99 @@ def test_adjacent_intervals_share_a_boundary() -> None:
     for start, end in [(0, 2), (2, 4)]:
         X, Y = reference_rows(model, batches, start, end)
         torch.testing.assert_close(stats[(start, end)].xty, X.T @ Y, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# capture_rows: raw boundary rows
+# ---------------------------------------------------------------------------------------------
+def first_real_token_rows(
+    model: Any, batches: list[dict[str, torch.Tensor]], start: int, end: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference rows from output_hidden_states, dropping padding and each row's first mask-1 position."""
+    model = copy.deepcopy(model)
+    model.config.tie_last_hidden_states = False
+    xs, ys = [], []
+    with torch.no_grad():
+        for batch in batches:
+            hs = model(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].bool().clone()
+            for row in range(mask.shape[0]):
+                mask[row, int(mask[row].long().argmax())] = False
+            xs.append(hs[start][mask])
+            ys.append(hs[end][mask])
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_capture_rows_equal_output_hidden_states(family: str) -> None:
+    model = tiny_model(family)
+    batches = random_batches(n_batches=3, batch_size=3, seq_len=10, pad=True)
+    for start, end in [(0, 1), (2, 4)]:  # the last one ends at the final norm's input
+        X, Y = capture_rows(model, batches, (start, end), max_rows=10_000)
+        X_ref, Y_ref = reference_rows(model, batches, start, end)
+        assert X.shape == Y.shape == X_ref.shape and X.shape[0] == 3 * (3 * 10) - 3 * (10 // 3)
+        assert X.dtype == Y.dtype == torch.float32 and X.device.type == "cpu"
+        torch.testing.assert_close(X.double(), X_ref, rtol=0, atol=0)
+        torch.testing.assert_close(Y.double(), Y_ref, rtol=0, atol=0)
+
+
+def test_capture_rows_skip_first_real_token_with_left_padding() -> None:
+    model = tiny_model("llama")
+    ids = torch.tensor([[0, 0, 1, 5, 6, 7], [1, 8, 9, 10, 11, 12], [0, 1, 13, 14, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    X, Y = capture_rows(model, batches, (1, 3), max_rows=100, skip_first_token=True)
+    X_ref, Y_ref = first_real_token_rows(model, batches, 1, 3)
+    assert X.shape[0] == 3 + 5 + 4
+    torch.testing.assert_close(X, X_ref, rtol=0, atol=0)
+    torch.testing.assert_close(Y, Y_ref, rtol=0, atol=0)
+
+
+def test_capture_rows_respects_max_rows_and_stops_early() -> None:
+    model = tiny_model("llama")
+    batches = random_batches(n_batches=4, batch_size=2, seq_len=12, pad=True)
+    X_ref, Y_ref = reference_rows(model, batches, 1, 3)
+    embeds = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *_: embeds.append(1))
+    try:
+        X, Y = capture_rows(model, batches, (1, 3), max_rows=30)
+    finally:
+        handle.remove()
+    # 12 + 8 rows in the first batch, so the second batch is the last one run.
+    assert X.shape == Y.shape == (30, X_ref.shape[1])
+    assert len(embeds) == 2
+    torch.testing.assert_close(X.double(), X_ref[:30], rtol=0, atol=0)
+    torch.testing.assert_close(Y.double(), Y_ref[:30], rtol=0, atol=0)
+
+
+def test_capture_rows_keeps_the_model_dtype_and_leaves_the_model_as_it_was() -> None:
+    model = copy.deepcopy(tiny_model("olmo2")).to(torch.bfloat16)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    X, Y = capture_rows(model, random_batches(), (1, 2), max_rows=5)
+    assert X.dtype == Y.dtype == torch.bfloat16 and X.shape == (5, model.config.hidden_size)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("interval", "max_rows", "batches", "match"),
+    [
+        ((0, 9), 10, None, r"interval \(0, 9\) is invalid for a model of 4 layers"),
+        ((1, 2), 0, None, r"max_rows must be a positive integer, got 0"),
+        ((1, 2), True, None, r"max_rows must be a positive integer, got True"),
+        ((1, 2), 10, [], r"no calibration batches"),
+        (
+            (1, 2),
+            10,
+            [{"input_ids": torch.ones(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1)}],
+            r"interval \(1, 2\) saw no calibration tokens",
+        ),
+    ],
+)
+def test_capture_rows_bad_input(interval: Any, max_rows: Any, batches: Any, match: str) -> None:
+    model = tiny_model("llama")
+    batches = random_batches() if batches is None else batches
+    with pytest.raises(GhostsolveError, match=match):
+        capture_rows(model, batches, interval, max_rows=max_rows, skip_first_token=True)
