@@ -504,6 +504,13 @@ def _device(name: str | None, ctx: Any = None) -> str:
     return name
 
 
+def _capture_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``capture``/``device`` for the recovery: layer by layer on the execution device with --layerwise."""
+    if not getattr(args, "layerwise", False):
+        return {}
+    return {"capture": "layerwise", "device": _device(args.device, getattr(args, "dist", None))}
+
+
 def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -511,7 +518,9 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     from ghostsolve.pipeline.checkpoint import load
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load(path, device=_device(args.device, getattr(args, "dist", None)), dtype=dtype)
+    # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time.
+    device = "cpu" if getattr(args, "layerwise", False) else _device(args.device, getattr(args, "dist", None))
+    model = load(path, device=device, dtype=dtype)
     try:
         # A ghosted checkpoint's config names remote code for the *model*; the tokenizer needs none.
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -623,6 +632,7 @@ def _run_methods(
         order=args.order,
         skip_first_token=args.skip_first_token,
         progress=progress,
+        **_capture_options(args),
     ):
         ppl = _on_main(
             args,
@@ -1098,6 +1108,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="independent",
         help="for several removed intervals: fit each on the dense model's activations (independent) or "
         "on the already recovered model's (sequential)",
+    )
+    prune.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="keep the model in host memory and capture layer by layer, one decoder layer on --device at a "
+        "time (for models larger than the accelerator; sampling and evaluation then run on the CPU; "
+        "not for replaceme)",
     )
     prune.add_argument("--plot", metavar="FILE.png", help="also write a bar plot of perplexity per method")
     _add_calibration(prune, required=True)

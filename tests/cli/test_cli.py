@@ -77,6 +77,38 @@ def test_prune_end_to_end(tmp_path, model_dir, text, capsys):
     assert evaluated["seq_len"] == 32
 
 
+@pytest.mark.parametrize("order", ["independent", "sequential"])
+def test_prune_layerwise_equals_hooks(tmp_path, model_dir, text, order):
+    """--layerwise (one layer on the device at a time) reports what whole-model capture reports."""
+    reports = {}
+    for mode in ("hooks", "layerwise"):
+        path = tmp_path / f"{mode}.json"
+        rc = main(
+            [
+                "prune", str(model_dir), "--drop", "1,3-4", "--recover", "ghost,diagonal", "--order", order,
+                "--calib-text", str(text), "--num-calib", "8", "--eval-text", str(text), "--seq-len", "32",
+                "--report", str(path), *QUIET, *(["--layerwise"] if mode == "layerwise" else []),
+            ]
+        )  # fmt: skip
+        assert rc == 0
+        reports[mode] = json.loads(path.read_text())["methods"]
+    for method in ("ghost", "diagonal"):
+        hooks, layerwise = reports["hooks"][method], reports["layerwise"][method]
+        assert layerwise["relative_residual"] == pytest.approx(hooks["relative_residual"], rel=1e-9)
+        assert layerwise["perplexity"] == pytest.approx(hooks["perplexity"], rel=1e-5)
+
+
+def test_prune_layerwise_refuses_replaceme(tmp_path, model_dir, text, capsys):
+    rc = main(
+        [
+            "prune", str(model_dir), "--drop", "2", "--recover", "replaceme", "--layerwise",
+            "--calib-text", str(text), "--num-calib", "4", "--seq-len", "32", *QUIET,
+        ]
+    )  # fmt: skip
+    assert rc == 2
+    assert "replaceme" in capsys.readouterr().err
+
+
 def test_prune_with_self_calibration_and_no_output(tmp_path, model_dir, capsys):
     report_path = tmp_path / "r.json"
     rc = main(
