@@ -201,6 +201,17 @@ def test_compute_dtype_on_a_bf16_model() -> None:
         assert rec.model(input_ids=IDS).logits.dtype == torch.bfloat16
 
 
+def _assert_refused_and_untouched(kwargs: dict, match: str) -> None:
+    """``recover`` on a 4-layer tiny Llama (default: drop [1, 2], ghost) raises and changes nothing."""
+    model = tiny_model("llama")
+    state = state_of(model)
+    args = {"drop": [1, 2], "method": "ghost", **kwargs}
+    drop = args.pop("drop")
+    with pytest.raises(GhostsolveError, match=match):
+        recover(model, drop, BATCHES, progress=False, **args)
+    assert same_state(model, state) and model.config.num_hidden_layers == 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -216,13 +227,7 @@ def test_compute_dtype_on_a_bf16_model() -> None:
     ],
 )
 def test_bad_input_leaves_the_model_untouched(kwargs: dict, match: str) -> None:
-    model = tiny_model("llama")
-    state = state_of(model)
-    args = {"drop": [1, 2], "method": "ghost", **kwargs}
-    drop = args.pop("drop")
-    with pytest.raises(GhostsolveError, match=match):
-        recover(model, drop, BATCHES, progress=False, **args)
-    assert same_state(model, state) and model.config.num_hidden_layers == 4
+    _assert_refused_and_untouched(kwargs, match)
 
 
 def test_nan_calibration_is_reported_and_model_untouched() -> None:
@@ -381,13 +386,7 @@ def test_layerwise_statistics_are_summed_across_ranks(order: str, monkeypatch: p
     ],
 )
 def test_layerwise_refusals(kwargs: dict, match: str) -> None:
-    model = tiny_model("llama")
-    state = state_of(model)
-    args = {"drop": [1, 2], "method": "ghost", **kwargs}
-    drop = args.pop("drop")
-    with pytest.raises(GhostsolveError, match=match):
-        recover(model, drop, BATCHES, progress=False, **args)
-    assert same_state(model, state) and model.config.num_hidden_layers == 4
+    _assert_refused_and_untouched(kwargs, match)
 
 
 def test_layerwise_prune_comp_in_independent_order_matches_hooks() -> None:

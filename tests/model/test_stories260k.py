@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ghostsolve.families import FAMILIES
+from ghostsolve.pipeline.data import sample_windows
 from ghostsolve.pipeline.recover import recover_all
 from tests.model_factories import stories260k_dir
 
@@ -26,24 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 CONSTRAINED = tuple(f for f in FAMILIES if f not in ("full", "identity"))
 REMOVAL_SETS = ([2], [1, 2], [1, 3])
 SEQ_LEN = 128
-
-
-def sample(model: nn.Module, n: int, seed: int) -> torch.Tensor:
-    """``n`` stories of SEQ_LEN tokens sampled from the model (temperature 1, no truncation)."""
-    torch.manual_seed(seed)
-    bos = torch.full((n, 1), model.config.bos_token_id, dtype=torch.long)
-    with torch.no_grad():
-        return model.generate(
-            bos,
-            attention_mask=torch.ones_like(bos),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            max_new_tokens=SEQ_LEN - 1,
-            min_new_tokens=SEQ_LEN - 1,
-            pad_token_id=model.config.eos_token_id,
-        )
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
@@ -59,7 +42,9 @@ def stories(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, list[d
 
     directory: Path = stories260k_dir(tmp_path_factory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    text = sample(model, 40, seed=1234)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    # the project's own data-free sampler (private generator, KV cache), as `--calib self` uses it
+    text = sample_windows(model, tokenizer, 40, SEQ_LEN, seed=1234, progress=False)
     calibration, held_out = text[:24], text[24:]  # one sampling call, disjoint rows
     batches = [{"input_ids": calibration[i : i + 8]} for i in range(0, 24, 8)]
     return model, batches, held_out
