@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
@@ -167,6 +168,49 @@ class ModelAdapter:
     def down_proj(self, layer: nn.Module) -> nn.Linear:
         """The MLP output projection of a decoder layer (writes into the residual stream)."""
         return resolve_path(self.mlp(layer), self.down_proj_attr)  # type: ignore[no-any-return]
+
+    # -- the residual-stream argument of a layer call ------------------------------------------------
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The residual stream passed to a decoder layer (or to the final norm) in one call.
+
+        The keyword ``hidden_states_kwarg`` wins over the positional argument
+        ``hidden_states_arg_position``; this is the one place where every capture engine, the layer
+        bypass of the selection rules and the ghost wrappers read it.
+
+        Raises
+        ------
+        GhostsolveError
+            If the call carries no tensor under either name.
+        """
+        value = kwargs.get(self.hidden_states_kwarg)
+        if value is None and len(args) > self.hidden_states_arg_position:
+            value = args[self.hidden_states_arg_position]
+        if not isinstance(value, torch.Tensor):
+            raise GhostsolveError(
+                f"a {self.family} layer was called without its hidden states (keyword "
+                f"{self.hidden_states_kwarg!r} or positional argument {self.hidden_states_arg_position}); "
+                "the adapter's hidden_states_kwarg / hidden_states_arg_position do not match this model"
+            )
+        return value
+
+    def replace_hidden_states(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: torch.Tensor
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of a layer call with the residual stream replaced by ``value`` (new
+        containers; the inputs are not modified). Where the stream is read from: :meth:`hidden_states`.
+
+        Raises
+        ------
+        GhostsolveError
+            If the call carries no hidden states to replace.
+        """
+        key, position = self.hidden_states_kwarg, self.hidden_states_arg_position
+        if kwargs.get(key) is not None:
+            return tuple(args), {**kwargs, key: value}
+        if len(args) > position:
+            return (*args[:position], value, *args[position + 1 :]), dict(kwargs)
+        self.hidden_states(args, kwargs)  # raises the message naming the expected argument
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.devices import model_input_device
+from ghostsolve.pipeline.model.batches import CalibrationBatch, as_batches, eval_mode
+from ghostsolve.pipeline.model.devices import model_input_device
+from ghostsolve.pipeline.progress import progress_bar
 
-__all__ = ["Perplexity", "default_seq_len", "lm_eval_tasks", "perplexity"]
+__all__ = ["Perplexity", "default_seq_len", "lm_eval_tasks", "logits_of", "mean_nll", "perplexity", "shifted_nll"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,58 @@ def default_seq_len(model_or_config: Any) -> int:
     return min(MAX_DEFAULT_SEQ_LEN, int(max_positions)) if max_positions else MAX_DEFAULT_SEQ_LEN
 
 
+def shifted_nll(logits: torch.Tensor, batch: CalibrationBatch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of one batch (fp64 scalar, keeps the autograd graph) and the predicted count.
+
+    Position ``t`` predicts token ``t + 1``; a target counts only when both it and its context are real
+    (unmasked). Logits of any dtype are upcast to fp32 for the log-softmax; the sum is formed in fp64.
+    """
+    ids = batch.input_ids.to(logits.device)
+    real = batch.real().to(logits.device)
+    valid = real[:, 1:] & real[:, :-1]
+    pred = logits[:, :-1, :].float()
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return nll[valid.reshape(-1)].double().sum(), int(valid.sum())
+
+
+def logits_of(model: Any, batch: CalibrationBatch) -> torch.Tensor:
+    """Logits ``(batch, seq, vocab)`` of one batch, inputs on the model's input device.
+
+    A transformers model (one with a ``config``) is told not to build a KV cache, which a single forward
+    never reads; any other module is called with the ids and the mask only.
+    """
+    extra = {"use_cache": False} if hasattr(model, "config") else {}
+    return model(**batch.model_inputs(model_input_device(model)), **extra).logits  # type: ignore[no-any-return]
+
+
 @torch.no_grad()
+def mean_nll(model: Any, batches: Iterable[Any], *, progress: bool = False, desc: str = "perplexity") -> tuple[float, int]:
+    """Mean next-token NLL (nats) over every predicted token of ``batches``, and the number of tokens.
+
+    The one routine behind :func:`perplexity` and the selection rules' calibration perplexity. The model runs
+    in eval mode (each module's flag restored afterwards).
+
+    Raises
+    ------
+    GhostsolveError
+        Malformed batches, or no predicted token at all (every window shorter than 2 real tokens).
+    """
+    parsed = as_batches(batches)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    with eval_mode(model):
+        for batch in progress_bar(parsed, progress, desc):
+            nll, n = shifted_nll(logits_of(model, batch), batch)
+            total += nll.cpu()
+            count += n
+    if count == 0:
+        raise GhostsolveError(
+            "no token was predicted (every window has fewer than 2 real tokens, or is padding); check the "
+            "attention mask or use longer sequences"
+        )
+    return float(total) / count, count
+
+
 def perplexity(
     model: Any,
     windows: torch.Tensor,
@@ -76,9 +128,8 @@ def perplexity(
     Parameters
     ----------
     model : causal LM
-        Called as ``model(input_ids=..., attention_mask=...)``, returning an object with ``.logits`` of
-        shape ``(batch, seq_len, vocab)``. Run in eval mode on its own device; logits of any dtype are
-        upcast to fp32 for the log-softmax, and the NLL sum is kept in fp64.
+        Called as ``model(input_ids=..., attention_mask=...)``, returning an object with ``.logits`` of shape
+        ``(batch, seq_len, vocab)``. Run in eval mode on its own device.
     windows : (n_windows, seq_len) torch.long
         Token windows, e.g. from :func:`ghostsolve.pipeline.data.text_windows`.
     batch_size : int
@@ -113,45 +164,21 @@ def perplexity(
         )
     if batch_size < 1:
         raise GhostsolveError(f"batch_size is {batch_size}; give a positive number")
-    device = model_input_device(model)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    total_nll = torch.zeros((), dtype=torch.float64)
-    total_tokens = 0
-    try:
-        for first in tqdm(
-            range(0, windows.shape[0], batch_size), desc=desc, unit="batch", disable=not progress, leave=False
-        ):
-            ids = windows[first : first + batch_size].to(device=device, dtype=torch.long)
-            mask = (
-                attention_mask[first : first + batch_size].to(device)
-                if attention_mask is not None
-                else torch.ones_like(ids)
-            )
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            # Position t predicts token t + 1; a target counts only when both it and its context are real.
-            pred = logits[:, :-1, :].float()
-            target = ids[:, 1:]
-            valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-            total_nll += nll[valid.reshape(-1)].double().sum().cpu()
-            total_tokens += int(valid.sum())
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
-    if total_tokens == 0:
-        raise GhostsolveError("no token was predicted (every window is padding); check the attention mask")
-    nll_mean = float(total_nll) / total_tokens
+    ids = windows.to(torch.long)
+    # An explicit all-ones mask where none is given: the model sees the same call for every window.
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    masks = mask.split(batch_size)
+    batches = [CalibrationBatch(chunk, mask) for chunk, mask in zip(ids.split(batch_size), masks, strict=True)]
+    nll_mean, n_tokens = mean_nll(model, batches, progress=progress, desc=desc)
     if not math.isfinite(nll_mean):
         raise GhostsolveError(
-            f"the mean NLL is {nll_mean} over {total_tokens} tokens: the model produced non-finite logits; "
+            f"the mean NLL is {nll_mean} over {n_tokens} tokens: the model produced non-finite logits; "
             "evaluate in float32 (--dtype float32)"
         )
     return Perplexity(
-        perplexity=math.exp(nll_mean),
+        perplexity=math.exp(nll_mean) if nll_mean < 700 else math.inf,
         nll=nll_mean,
-        n_tokens=total_tokens,
+        n_tokens=n_tokens,
         n_windows=int(windows.shape[0]),
         seq_len=int(windows.shape[1]),
     )

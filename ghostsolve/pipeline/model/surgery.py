@@ -1,23 +1,22 @@
-"""Model surgery: validate removal sets, remove decoder layers, insert ghost operators.
+"""Model surgery: validate removal sets, remove decoder layers, insert ghost operators, bypass layers.
 
 Conventions (see ``docs/design.md``): layer indices are 0-based; a removal set is split into maximal
 *intervals* ``(start, end)`` with ``end`` exclusive; hidden states are row vectors and an operator acts
 as ``h W`` with ``W = I + M``.
 
-A ghost operator is a real submodule, not a hook. The first kept layer after an interval is replaced in
-the ``ModuleList`` by ``GhostedLayer(ghost, layer)``; an interval reaching the end of the model wraps
-the final norm in ``GhostedNorm(ghost, norm)``. The state-dict keys therefore become
-``...layers.{i}.layer.*`` and ``...layers.{i}.ghost.delta`` (and ``...norm.norm.weight``,
-``...norm.ghost.delta``). :func:`ghost_layout` describes where ghosts sit as plain data and
-:func:`apply_ghost_layout` rebuilds that structure on a freshly built pruned model, so a checkpoint
-loader can create the modules before loading the weights.
+The operators live in :mod:`ghostsolve.pipeline.model.operators`: the first kept layer after an interval
+becomes a ``GhostedLayer`` holding the operator as its child ``ghost``; an interval reaching the end of the
+model makes the final norm a ``GhostedNorm``. The state dict keeps the base model's names and adds
+``...layers.{i}.ghost.delta`` (``...norm.ghost.delta``). :func:`ghost_layout` describes where ghosts sit as
+plain data and :func:`apply_ghost_layout` rebuilds that structure on a freshly built pruned model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,19 +24,19 @@ from torch import nn
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.model.operators import GhostOperator, attach_ghost, ghost_of
 
 __all__ = [
     "FINAL_NORM",
-    "GhostOperator",
-    "GhostedLayer",
-    "GhostedNorm",
+    "Interval",
     "apply_ghost_layout",
+    "bypassed",
+    "check_intervals",
     "ghost_layout",
     "insert_ghost",
     "intervals_of",
     "removal_set",
     "remove_layers",
-    "unwrap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +45,9 @@ logger = logging.getLogger(__name__)
 FINAL_NORM: Literal["final_norm"] = "final_norm"
 
 InsertAt = int | Literal["final_norm"]
+
+Interval = tuple[int, int]
+"""A removed interval ``(start, end)`` of 0-based layer indices, ``end`` exclusive."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def removal_set(drop: Iterable[int], num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(indices))
 
 
-def intervals_of(removed: Sequence[int]) -> list[tuple[int, int]]:
+def intervals_of(removed: Sequence[int]) -> list[Interval]:
     """Split sorted layer indices into maximal intervals ``(start, end)``, ``end`` exclusive.
 
     Examples
@@ -112,7 +114,7 @@ def intervals_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     >>> intervals_of([3, 5, 6, 7, 9])
     [(3, 4), (5, 8), (9, 10)]
     """
-    intervals: list[tuple[int, int]] = []
+    intervals: list[Interval] = []
     for i in sorted(removed):
         if intervals and intervals[-1][1] == i:
             intervals[-1] = (intervals[-1][0], i + 1)
@@ -121,186 +123,39 @@ def intervals_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     return intervals
 
 
-# ---------------------------------------------------------------------------------------------
-# the operator and its wrappers
-# ---------------------------------------------------------------------------------------------
-class GhostOperator(nn.Module):
-    """``h ↦ h W = h + h M``: a linear map of the residual stream, stored as ``M`` (``delta``).
+def check_intervals(
+    intervals: Iterable[Interval], num_layers: int, *, allow_overlap: bool = False
+) -> list[Interval]:
+    """Validate ``(start, end)`` intervals (``0 <= start < end <= num_layers``) and return them sorted.
 
-    Every recovery family is stored densely (a scalar or diagonal ``M`` is a d×d matrix too), which
-    keeps one module type and one state-dict layout for all methods; the cost is one ``(n, d)×(d, d)``
-    matmul per insertion point, small against a decoder layer.
+    ``allow_overlap`` admits intervals that share layers (the candidate blocks of a selection rule); a
+    removal set's intervals never overlap.
 
-    Parameters
-    ----------
-    delta : (d, d) tensor
-        ``M = W − I``. Copied and stored in ``dtype``.
-    compute_dtype : torch.dtype, optional
-        Dtype of the matmul. None (default): the dtype of the incoming hidden states (the model's
-        dtype). ``torch.float32`` runs a bf16/fp16 model's correction in fp32. The result is cast back
-        to the dtype of the hidden states.
-    dtype : torch.dtype
-        Storage dtype of ``delta`` (fp32 by default). Note that ``model.to(dtype)`` / ``model.half()``
-        casts it like any other parameter.
-
-    Notes
-    -----
-    The forward never synchronizes with the host (no ``.item()``, no data-dependent branching), so it
-    can be captured by CUDA graphs and ``torch.compile``. ``delta`` is an ``nn.Parameter`` with
-    ``requires_grad=False``: it moves with ``.to(device)`` and appears in ``state_dict()``; set
-    ``requires_grad`` to fine-tune it.
-
-    Examples
-    --------
-    >>> op = GhostOperator(torch.zeros(4, 4))
-    >>> h = torch.randn(2, 3, 4)
-    >>> torch.equal(op(h), h)
-    True
+    Raises
+    ------
+    GhostsolveError
+        If there are none, one is malformed or out of range, or (unless allowed) two overlap.
     """
-
-    delta: nn.Parameter
-
-    def __init__(
-        self,
-        delta: torch.Tensor,
-        *,
-        compute_dtype: torch.dtype | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__()
-        if delta.ndim != 2 or delta.shape[0] != delta.shape[1]:
-            raise GhostsolveError(
-                f"a ghost operator needs a square (d, d) delta, got shape {tuple(delta.shape)}"
-            )
-        if not delta.is_floating_point():
-            raise GhostsolveError(f"delta must be a floating-point tensor, got dtype {delta.dtype}")
-        if compute_dtype is not None and not compute_dtype.is_floating_point:
-            raise GhostsolveError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
-        self.delta = nn.Parameter(delta.detach().to(dtype=dtype).clone(), requires_grad=False)
-        self.compute_dtype = compute_dtype
-
-    @classmethod
-    def zeros(
-        cls,
-        dim: int,
-        *,
-        compute_dtype: torch.dtype | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> GhostOperator:
-        """An identity operator (``M = 0``) of size ``dim``; a placeholder before loading weights."""
-        return cls(
-            torch.zeros(dim, dim, dtype=dtype, device=device), compute_dtype=compute_dtype, dtype=dtype
-        )
-
-    @property
-    def dim(self) -> int:
-        """The hidden size ``d``."""
-        return int(self.delta.shape[0])
-
-    def weight(self) -> torch.Tensor:
-        """``W = I + M`` as a new ``(d, d)`` tensor in the storage dtype."""
-        return self.delta.detach() + torch.eye(self.dim, dtype=self.delta.dtype, device=self.delta.device)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Apply ``h + h M`` to ``(..., d)`` hidden states; returns their dtype and shape."""
-        cd = self.compute_dtype if self.compute_dtype is not None else hidden_states.dtype
-        correction = hidden_states.to(cd) @ self.delta.to(cd)
-        return hidden_states + correction.to(hidden_states.dtype)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, dtype={self.delta.dtype}, compute_dtype={self.compute_dtype}"
-
-
-class _Wrapper(nn.Module):
-    """Shared behaviour of the wrappers: unknown attributes fall back to the wrapped module."""
-
-    _wrapped_name: str = ""
-
-    def __getattr__(self, name: str) -> Any:
+    out: list[Interval] = []
+    for item in intervals:
         try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            inner = modules.get(self._wrapped_name)
-            if inner is None or name.startswith("__"):
-                raise
-            return getattr(inner, name)
-
-
-class GhostedLayer(_Wrapper):
-    """A decoder layer whose residual-stream input first passes through a ghost operator.
-
-    ``forward(*args, **kwargs)`` replaces the hidden-states argument — keyword ``hidden_states`` or
-    the first positional argument — by ``ghost(hidden_states)`` and calls the wrapped layer with
-    everything else unchanged, so it returns whatever the layer returns (a tensor in transformers 5,
-    a tuple in 4.x). Unknown attributes (``attention_type``, ``self_attn``, ``mlp``...) are read
-    from the wrapped layer.
-
-    Attributes
-    ----------
-    ghost : GhostOperator
-    layer : nn.Module
-        The original decoder layer.
-    """
-
-    _wrapped_name = "layer"
-
-    def __init__(
-        self,
-        ghost: GhostOperator,
-        layer: nn.Module,
-        *,
-        hidden_states_kwarg: str = "hidden_states",
-        hidden_states_arg_position: int = 0,
-    ) -> None:
-        super().__init__()
-        self.ghost = ghost
-        self.layer = layer
-        self.hidden_states_kwarg = hidden_states_kwarg
-        self.hidden_states_arg_position = hidden_states_arg_position
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        key = self.hidden_states_kwarg
-        pos = self.hidden_states_arg_position
-        if key in kwargs:
-            kwargs[key] = self.ghost(kwargs[key])
-        elif len(args) > pos:
-            args = (*args[:pos], self.ghost(args[pos]), *args[pos + 1 :])
-        else:
+            start, end = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise GhostsolveError(f"an interval is a pair (start, end) of layer indices, got {item!r}") from None
+        if not 0 <= start < end <= num_layers:
             raise GhostsolveError(
-                f"GhostedLayer found no hidden states: neither keyword {key!r} nor positional argument "
-                f"{pos} was passed to {type(self.layer).__name__}"
+                f"interval {(start, end)} is invalid for a model of {num_layers} layers: need "
+                f"0 <= start < end <= {num_layers} (end exclusive)"
             )
-        return self.layer(*args, **kwargs)
-
-
-class GhostedNorm(_Wrapper):
-    """The final norm, applied after a ghost operator (for an interval that reaches the end).
-
-    Attributes
-    ----------
-    ghost : GhostOperator
-    norm : nn.Module
-        The original final norm; unknown attributes (``weight``, ``eps``...) are read from it.
-    """
-
-    _wrapped_name = "norm"
-
-    def __init__(self, ghost: GhostOperator, norm: nn.Module) -> None:
-        super().__init__()
-        self.ghost = ghost
-        self.norm = norm
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.norm(self.ghost(hidden_states), *args, **kwargs)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside any ``GhostedLayer`` / ``GhostedNorm`` wrappers (itself if unwrapped)."""
-    while isinstance(module, (GhostedLayer, GhostedNorm)):
-        module = module.layer if isinstance(module, GhostedLayer) else module.norm
-    return module
+        out.append((start, end))
+    if not out:
+        raise GhostsolveError("no intervals given; pass at least one (start, end) pair")
+    out = sorted(set(out)) if allow_overlap else sorted(out)
+    if not allow_overlap:
+        for (s0, e0), (s1, e1) in zip(out, out[1:], strict=False):
+            if s1 < e0:
+                raise GhostsolveError(f"intervals {(s0, e0)} and {(s1, e1)} overlap")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +196,7 @@ def remove_layers(model: nn.Module, drop: Iterable[int], *, adapter: ModelAdapte
     Parameters
     ----------
     model : transformers PreTrainedModel
-        A causal LM of a family with an adapter. Kept layers may be ``GhostedLayer`` wrappers; a
+        A causal LM of a family with an adapter. Kept layers may hold ghost operators; a
         removed wrapper takes its ghost with it.
     drop : iterable of int
         0-based indices of the layers to remove (see :func:`removal_set`).
@@ -390,7 +245,7 @@ def remove_layers(model: nn.Module, drop: Iterable[int], *, adapter: ModelAdapte
                 "shortened per-layer config list %r from %d to %d entries", key, num_layers, len(kept)
             )
     for new_idx, layer in enumerate(new_layers):
-        for module in unwrap(layer).modules():
+        for module in layer.modules():
             if isinstance(getattr(module, adapter.layer_idx_attr, None), int):
                 setattr(module, adapter.layer_idx_attr, new_idx)
     return model
@@ -426,20 +281,20 @@ def insert_ghost(
         )
     if insert_at == FINAL_NORM:
         norm = adapter.final_norm(model)
-        if isinstance(norm, GhostedNorm):
+        if ghost_of(norm) is not None:
             raise GhostsolveError("the final norm already holds a ghost operator")
-        adapter.set_final_norm(model, GhostedNorm(ghost.to(_device_of(norm, ghost)), norm))
+        attach_ghost(norm, ghost.to(_device_of(norm, ghost)), kind="norm")
         return
     layers = adapter.layers(model)
     if isinstance(insert_at, bool) or not isinstance(insert_at, int) or not 0 <= insert_at < len(layers):
         raise GhostsolveError(
             f"insert_at must be a layer index in [0, {len(layers)}) or {FINAL_NORM!r}, got {insert_at!r}"
         )
-    if isinstance(layers[insert_at], GhostedLayer):
+    if ghost_of(layers[insert_at]) is not None:
         raise GhostsolveError(f"layer {insert_at} already holds a ghost operator")
-    layers[insert_at] = GhostedLayer(
-        ghost.to(_device_of(layers[insert_at], ghost)),
+    attach_ghost(
         layers[insert_at],
+        ghost.to(_device_of(layers[insert_at], ghost)),
         hidden_states_kwarg=adapter.hidden_states_kwarg,
         hidden_states_arg_position=adapter.hidden_states_arg_position,
     )
@@ -464,11 +319,12 @@ def ghost_layout(model: nn.Module, *, adapter: ModelAdapter | None = None) -> li
     adapter = _adapter(model, adapter)
     layout: list[dict[str, Any]] = []
     for i, layer in enumerate(adapter.layers(model)):
-        if isinstance(layer, GhostedLayer):
-            layout.append({"insert_at": i, "dim": layer.ghost.dim})
-    norm = adapter.final_norm(model)
-    if isinstance(norm, GhostedNorm):
-        layout.append({"insert_at": FINAL_NORM, "dim": norm.ghost.dim})
+        ghost = ghost_of(layer)
+        if ghost is not None:
+            layout.append({"insert_at": i, "dim": ghost.dim})
+    ghost = ghost_of(adapter.final_norm(model))
+    if ghost is not None:
+        layout.append({"insert_at": FINAL_NORM, "dim": ghost.dim})
     return layout
 
 
@@ -527,3 +383,29 @@ def apply_ghost_layout(
     for entry in layout:
         ghost = GhostOperator.zeros(entry["dim"], compute_dtype=compute_dtype, dtype=dtype, device=device)
         insert_ghost(model, entry["insert_at"], ghost, adapter=adapter)
+
+
+@contextlib.contextmanager
+def bypassed(model: nn.Module, indices: Iterable[int], *, adapter: ModelAdapter | None = None) -> Iterator[None]:
+    """Within the block, each decoder layer in ``indices`` returns its input hidden states unchanged.
+
+    A forward hook replaces the layer's output by its input (the layer still runs, its result is
+    discarded), which equals removing the layer for a forward pass without a cache and leaves the model's
+    structure, config and per-layer attributes untouched. The selection rules simulate removals this way.
+    """
+    adapter = _adapter(model, adapter)
+    layers = adapter.layers(model)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        hidden = adapter.hidden_states(args, kwargs)
+        # Older transformers return (hidden_states, ...) tuples from decoder layers; newer a tensor.
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = []
+    try:
+        for i in indices:
+            handles.append(layers[i].register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

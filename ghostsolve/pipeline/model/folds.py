@@ -22,7 +22,6 @@ from torch import nn
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.surgery import unwrap
 
 __all__ = ["fold_prune_comp", "fold_replaceme", "require_pre_norm", "untie_embeddings"]
 
@@ -113,8 +112,7 @@ def fold_prune_comp(model: nn.Module, cut: int, alpha: float, *, adapter: ModelA
         raise GhostsolveError(f"cut {cut} is outside [0, {len(layers)}]")
     targets = [adapter.embeddings(model)]
     for layer in list(layers)[:cut]:
-        inner = unwrap(layer)
-        targets += [adapter.o_proj(inner), adapter.down_proj(inner)]
+        targets += [adapter.o_proj(layer), adapter.down_proj(layer)]
     untie_embeddings(model, adapter=adapter)
     for module in targets:
         _scale_linear_(module, alpha)
@@ -146,7 +144,7 @@ def fold_replaceme(
     layers = adapter.layers(model)
     if not 0 <= layer_index < len(layers):
         raise GhostsolveError(f"layer_index {layer_index} is outside [0, {len(layers)})")
-    down = adapter.down_proj(unwrap(layers[layer_index]))
+    down = adapter.down_proj(layers[layer_index])
     d = down.weight.shape[0]
     if tuple(transform.shape) != (d, d):
         raise GhostsolveError(f"the ReplaceMe transform is {tuple(transform.shape)}; expected ({d}, {d})")

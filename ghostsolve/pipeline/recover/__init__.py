@@ -1,0 +1,34 @@
+"""Recovery of a pruned model: the methods (:mod:`.methods`) and the algorithm that fits and applies them
+(:mod:`.recover`)."""
+
+from __future__ import annotations
+
+from ghostsolve.pipeline.recover.methods import (
+    FOLDED_METHODS,
+    METHODS,
+    ORDERS,
+    FitSettings,
+    Method,
+    default_rank,
+    family_of,
+    get_method,
+    validate_method,
+)
+from ghostsolve.pipeline.recover.recover import CAPTURES, Recovery, iter_recoveries, recover, recover_all
+
+__all__ = [
+    "CAPTURES",
+    "FOLDED_METHODS",
+    "METHODS",
+    "ORDERS",
+    "FitSettings",
+    "Method",
+    "Recovery",
+    "default_rank",
+    "family_of",
+    "get_method",
+    "iter_recoveries",
+    "recover",
+    "recover_all",
+    "validate_method",
+]

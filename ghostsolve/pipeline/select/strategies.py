@@ -1,0 +1,119 @@
+"""The registry of selection rules and :func:`select_layers`, the one entry point."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from ghostsolve.adapters import get_adapter
+from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.model.batches import as_batches
+from ghostsolve.pipeline.select.base import Selection, SelectionContext, Strategy
+from ghostsolve.pipeline.select.cosine import run_angular, run_block_influence, run_streamline
+from ghostsolve.pipeline.select.recoverable import run_recoverable, run_recoverable_greedy, run_recoverable_ppl
+from ghostsolve.pipeline.select.removal import run_ppl, run_sleb
+from ghostsolve.pipeline.select.taylor import run_taylor
+
+__all__ = ["STRATEGIES", "select_layers"]
+
+logger = logging.getLogger(__name__)
+
+_RECOVERABLE_OPTIONS = ("skip_first_token", "ridge", "max_stats_bytes", "normalize")
+
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
+    s.name: s
+    for s in (
+        Strategy("block-influence", "layer", "block influence 1 - mean cos(h_l, h_l+1)", "lowest",
+                 ("skip_first_token",), "ShortGPT (Men et al., 2024)", run_block_influence),
+        Strategy("angular", "block", "angular distance arccos(cos(h_l, h_l+n)) / pi", "lowest",
+                 ("last_token", "skip_first_token"), "Gromov et al., 2024", run_angular),
+        Strategy("streamline", "block", "mean cos(h_l, h_l+n)", "highest", ("skip_first_token",),
+                 "LLM-Streamline (Chen et al., 2024)", run_streamline),
+        Strategy("sleb", "layer", "calibration perplexity, layer removed (round 1)", "lowest", (),
+                 "SLEB (Song et al., 2024)", run_sleb),
+        Strategy("ppl", "layer", "calibration perplexity, layer removed alone", "lowest", (),
+                 "Shortened LLaMA, PPL (Kim et al., 2024)", run_ppl),
+        Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest", ("keep_first", "keep_last"),
+                 "Shortened LLaMA, Taylor+ (Kim et al., 2024)", run_taylor),
+        Strategy("recoverable", "block", "ghost-fit residual / stream energy", "lowest", _RECOVERABLE_OPTIONS,
+                 "ghostsolve", run_recoverable),
+        Strategy("recoverable-ppl", "block", "calibration perplexity after ghost recovery", "lowest",
+                 ("top_k", *_RECOVERABLE_OPTIONS), "ghostsolve", run_recoverable_ppl),
+        Strategy("recoverable-greedy", "layer", "calibration perplexity after ghost recovery (round 1)", "lowest",
+                 ("skip_first_token", "ridge"), "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
+                 run_recoverable_greedy),
+    )
+})  # fmt: skip
+"""Selection rules by name; see :mod:`ghostsolve.pipeline.select` for each score."""
+
+
+def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_drop: int, **options: Any) -> Selection:
+    """Choose ``num_drop`` decoder layers to remove with a named strategy.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        A model that :func:`ghostsolve.adapters.get_adapter` knows. It is left unmodified (hooks, gradients,
+        ``requires_grad`` flags and train/eval mode are restored, also on error).
+    batches : iterable of batches
+        Calibration batches: ``input_ids`` ``(batch, tokens)`` int64, or mappings with ``"input_ids"`` and an
+        optional ``"attention_mask"``. Consumed into a list, since most rules make several passes.
+    strategy : str
+        A key of :data:`STRATEGIES`.
+    num_drop : int
+        Number of layers to remove, ``1 <= num_drop < num_layers``.
+    **options
+        Strategy options: ``last_token`` (angular), ``skip_first_token`` (cosine rules and recoverable: drop
+        each row's first real token, an attention sink in real LLMs), ``keep_first`` / ``keep_last`` (taylor),
+        ``top_k`` (recoverable-ppl, default 3), ``ridge``, ``normalize`` and ``max_stats_bytes`` (recoverable
+        rules; the fp64 statistics of one candidate block take ``16 d^2`` bytes, and the candidates are
+        captured in groups that fit ``max_stats_bytes``, default 8 GiB, one pass per group).
+
+    Returns
+    -------
+    Selection
+        ``selected`` holds ``num_drop`` sorted, distinct 0-based layer indices; ``stats`` the boundary
+        statistics of the chosen block where the rule captured them (the recoverable rules).
+
+    Raises
+    ------
+    GhostsolveError
+        Unknown strategy or option, ``num_drop`` out of range, malformed or empty batches, a model family
+        without an adapter, or batches with no usable tokens.
+
+    Examples
+    --------
+    >>> sel = select_layers(model, batches, "angular", 2)  # doctest: +SKIP
+    >>> sel.selected  # doctest: +SKIP
+    [5, 6]
+    """
+    if strategy not in STRATEGIES:
+        raise GhostsolveError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    spec = STRATEGIES[strategy]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise GhostsolveError(
+            f"strategy {strategy!r} does not accept option(s) {unknown}; "
+            f"it accepts {list(spec.options) or 'no options'}"
+        )
+    adapter = get_adapter(model)
+    num_layers = len(adapter.layers(model))
+    if isinstance(num_drop, bool) or not isinstance(num_drop, int) or not 1 <= num_drop < num_layers:
+        raise GhostsolveError(
+            f"num_drop must be an int with 1 <= num_drop < {num_layers} (the model has {num_layers} decoder "
+            f"layers and at least one must stay), got {num_drop!r}"
+        )
+    ctx = SelectionContext(model, adapter, as_batches(batches))
+    scores, selected, details = spec.run(ctx, num_drop, **options)
+    if len(set(selected)) != num_drop:  # a broken rule must not silently remove fewer layers
+        raise AssertionError(f"strategy {strategy!r} selected {selected} for num_drop={num_drop}")
+    logger.info("%s selects layers %s", strategy, selected)
+    return Selection(
+        strategy=strategy, num_drop=num_drop, scores=[float(s) for s in scores], selected=sorted(selected),
+        unit=spec.unit, score_name=spec.score_name, removes=spec.removes, details=details,
+        stats=dict(ctx.captured),
+    )  # fmt: skip
