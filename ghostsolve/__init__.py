@@ -1,8 +1,10 @@
 """ghostsolve: closed-form linear recovery of layer-pruned language models.
 
-The core (this package's top-level modules) works on torch tensors and never imports transformers;
-``ghostsolve.load`` (from :mod:`ghostsolve.pipeline.checkpoint`) is resolved lazily on first access and is
-therefore not part of ``__all__`` (a star import would otherwise pull in transformers).
+The core (this package's top-level modules) works on torch tensors and never imports transformers. The model
+side is reached lazily, on first access, so ``import ghostsolve`` stays light: ``ghostsolve.load`` and
+``ghostsolve.save`` (checkpoints, :mod:`ghostsolve.pipeline.io.checkpoint`), and the workflows
+``ghostsolve.prune``, ``ghostsolve.diagnose_model`` and ``ghostsolve.demo`` (:mod:`ghostsolve.workflows`). They
+are not part of ``__all__`` (a star import would otherwise pull in transformers).
 
 >>> import torch, ghostsolve
 >>> X = torch.randn(512, 16, dtype=torch.float64)
@@ -44,10 +46,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy so that `import ghostsolve` never pulls in transformers (the checkpoint module needs it).
-    if name == "load":
-        from .pipeline.checkpoint import load
+_LAZY = {
+    "load": "ghostsolve.pipeline.io.checkpoint",
+    "save": "ghostsolve.pipeline.io.checkpoint",
+    "prune": "ghostsolve.workflows",
+    "diagnose_model": "ghostsolve.workflows",
+    "demo": "ghostsolve.workflows",
+}
 
-        return load
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import ghostsolve` never pulls in transformers (the model side needs it).
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ghostsolve' has no attribute {name!r}")

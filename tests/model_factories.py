@@ -140,7 +140,7 @@ def stories260k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Hugging Face Llama directory converted from the shared stories260K checkpoint.
 
     Converted once per test session into the session's temporary folder. Skips the calling test
-    when the shared data or the converter (``ghostsolve.pipeline.convert_llama2c``) is absent.
+    when the shared data or the converter (``ghostsolve.pipeline.io.convert_llama2c``) is absent.
     """
     source = shared_data_dir() / "models" / "stories260K"
     checkpoint, tokenizer = source / "stories260K.bin", source / "tok512.bin"
@@ -150,7 +150,7 @@ def stories260k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "set GHOSTSOLVE_SHARED_DATA to a copy of it"
         )
     try:
-        from ghostsolve.pipeline.convert_llama2c import convert_llama2c
+        from ghostsolve.pipeline.io.convert_llama2c import convert_llama2c
     except ImportError as err:  # pragma: no cover - only while the converter is being written
         pytest.skip(f"the llama2.c converter is not available ({err})")
     out = tmp_path_factory.getbasetemp() / "stories260K-hf"

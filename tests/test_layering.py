@@ -42,7 +42,7 @@ def _files(sub: str | None) -> list[Path]:
 
 def _lazy_ok(path: Path, name: str) -> bool:
     # ghostsolve/__init__.py resolves `load` lazily inside __getattr__; that import runs only on access.
-    return path == PKG / "__init__.py" and name.startswith("ghostsolve.pipeline.checkpoint")
+    return path == PKG / "__init__.py" and name.startswith("ghostsolve.pipeline.io.checkpoint")
 
 
 RULES = [
@@ -67,8 +67,8 @@ def test_no_upward_imports(layer: str | None, forbidden: tuple[str, ...]) -> Non
 def test_lazy_load_is_the_only_pipeline_import_in_init() -> None:
     names = _imports(PKG / "__init__.py")
     assert {n for n in names if n.startswith("ghostsolve.pipeline")} <= {
-        "ghostsolve.pipeline.checkpoint",
-        "ghostsolve.pipeline.checkpoint.load",
+        "ghostsolve.pipeline.io.checkpoint",
+        "ghostsolve.pipeline.io.checkpoint.load",
     }
 
 

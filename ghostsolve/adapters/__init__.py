@@ -26,6 +26,7 @@ from ghostsolve.errors import GhostsolveError
 
 __all__ = [
     "ADAPTERS",
+    "GHOSTED_MODEL_TYPE_PREFIX",
     "LlamaAdapter",
     "MistralAdapter",
     "ModelAdapter",
@@ -81,10 +82,17 @@ def register_adapter(adapter: type[ModelAdapter], *, replace: bool = False) -> N
         ADAPTERS[model_type] = adapter
 
 
+#: A model whose removed layers were replaced by ghost operators has the model type ``ghostsolve_<base>`` and
+#: the architecture of ``<base>`` (see :mod:`ghostsolve.pipeline.model.ghosted`, which cannot import this).
+GHOSTED_MODEL_TYPE_PREFIX = "ghostsolve_"
+
+
 def _model_type_of(model_or_config: Any) -> str | None:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    return model_type if isinstance(model_type, str) and model_type else None
+    if not (isinstance(model_type, str) and model_type):
+        return None
+    return model_type.removeprefix(GHOSTED_MODEL_TYPE_PREFIX)
 
 
 def get_adapter(model_or_config: Any) -> ModelAdapter:

@@ -29,6 +29,8 @@ from ghostsolve.errors import GhostsolveError
 __all__ = [
     "Batch",
     "batches_from_windows",
+    "calibration_windows",
+    "evaluation_windows",
     "bos_token_for_windows",
     "count_tokens",
     "read_texts",
@@ -378,3 +380,63 @@ def count_tokens(batches: Iterable[Batch]) -> int:
         mask = batch.get("attention_mask")
         total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return total
+
+
+#: Self-sampled evaluation windows when no evaluation text is given.
+DEFAULT_SELF_EVAL = 16
+
+
+def calibration_windows(
+    model: Any,
+    tokenizer: Any,
+    source: Sequence[str | Path] | Literal["self"],
+    *,
+    n_windows: int,
+    seq_len: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Calibration windows ``(n, seq_len)``: ``n_windows`` drawn at random (seeded) from text files, or sampled
+    from the model itself with ``source="self"`` (the calibration seed stream of :func:`self_sampling_seed`).
+
+    Raises
+    ------
+    GhostsolveError
+        As :func:`read_texts`, :func:`text_windows` and :func:`sample_windows`.
+    """
+    if source == "self":
+        return sample_windows(model, tokenizer, n_windows, seq_len, seed=self_sampling_seed(seed, "calibration"),
+                              batch_size=batch_size, progress=progress, desc="sampling calibration")  # fmt: skip
+    windows = text_windows(read_texts(source), tokenizer, seq_len)
+    if windows.shape[0] < n_windows:
+        logger.warning("the calibration text holds %d windows of %d tokens; using all of them, not %d",
+                       windows.shape[0], seq_len, n_windows)  # fmt: skip
+    return select_windows(windows, n_windows, seed=seed)
+
+
+def evaluation_windows(
+    model: Any,
+    tokenizer: Any,
+    source: Sequence[str | Path] | Literal["self"],
+    *,
+    n_windows: int | None,
+    seq_len: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Evaluation windows: the first ``n_windows`` (None: all) windows of text files, or with ``source="self"``
+    ``n_windows`` (default :data:`DEFAULT_SELF_EVAL`) sequences sampled from the model on the evaluation seed
+    stream, disjoint from calibration's.
+
+    Raises
+    ------
+    GhostsolveError
+        As :func:`read_texts`, :func:`text_windows` and :func:`sample_windows`.
+    """
+    if source == "self":
+        return sample_windows(model, tokenizer, n_windows or DEFAULT_SELF_EVAL, seq_len,
+                              seed=self_sampling_seed(seed, "evaluation"), batch_size=batch_size,
+                              progress=progress, desc="sampling evaluation")  # fmt: skip
+    return text_windows(read_texts(source), tokenizer, seq_len, max_windows=n_windows)

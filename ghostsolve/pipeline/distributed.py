@@ -1,8 +1,9 @@
 """Data-parallel calibration on top of ``torch.distributed`` (launched with ``torchrun``).
 
-Every rank holds the whole model (or onloads it layer by layer, see :mod:`ghostsolve.pipeline.offload`),
+Every rank holds the whole model (or onloads it layer by layer, see :mod:`ghostsolve.pipeline.capture`),
 captures the statistics of its own shard of the calibration batches, and then the statistics are summed
-across ranks with one ``all_reduce(SUM)`` per buffer. Statistics are raw fp64 sums (never means), so the
+across ranks with one ``all_reduce(SUM)`` per buffer. Every collective of ghostsolve lives in this module,
+and the library runs one only where the caller asks for it (``recover(..., distributed=ctx)``). Statistics are raw fp64 sums (never means), so the
 sum over ranks *is* the statistics of the whole calibration set, and every rank then fits the same
 operators. NCCL is used on CUDA, gloo on CPU.
 
@@ -38,6 +39,7 @@ __all__ = [
     "DistributedContext",
     "all_reduce_stats",
     "barrier",
+    "broadcast_from_main",
     "destroy_distributed",
     "distributed",
     "init_distributed",
@@ -398,6 +400,28 @@ def _combine_r_factors(
     return combined[: min(stacked.shape)].contiguous()
 
 
+def _once_on_main(fn: Callable[..., R], share: bool, *args: Any, **kwargs: Any) -> R | None:
+    """``fn`` on rank 0; every rank learns whether it failed, and (with ``share``) receives its result."""
+    if not _active():
+        return fn(*args, **kwargs)
+    result: R | None = None
+    error: BaseException | None = None
+    if is_main_process():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+    payload: list[Any] = [result if share else None, None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[1] is not None:
+        raise GhostsolveError(
+            f"rank 0 failed in {getattr(fn, '__name__', fn)!s}: {payload[1]}; see rank 0's log for the cause"
+        )
+    return payload[0] if share else result
+
+
 def run_on_main(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
     """Call ``fn`` on rank 0 only; every rank returns once it has finished (and learns if it failed).
 
@@ -416,22 +440,21 @@ def run_on_main(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
     GhostsolveError
         On the other ranks, if ``fn`` raised on rank 0 (so no rank carries on as if the file existed).
     """
-    if not _active():
-        return fn(*args, **kwargs)
-    result: R | None = None
-    error: BaseException | None = None
-    if is_main_process():
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:
-            error = exc
-    outcome: list[Any] = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise GhostsolveError(
-            f"rank 0 failed in {getattr(fn, '__name__', fn)!s}: {outcome[0]}; see rank 0's log for the cause"
-        )
-    return result
+    return _once_on_main(fn, False, *args, **kwargs)
 
+
+def broadcast_from_main(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``fn(*args, **kwargs)`` computed on rank 0 and sent to every rank (a plain call outside torchrun).
+
+    For what every rank must hold identically and only one should compute: self-sampled calibration windows
+    (floating-point sampling need not agree bit for bit between processes), a layer selection. The result
+    travels pickled (``broadcast_object_list``), so keep it small: tensors of token ids, not models.
+
+    Raises
+    ------
+    Exception
+        On rank 0, whatever ``fn`` raised.
+    GhostsolveError
+        On the other ranks, when ``fn`` failed on rank 0.
+    """
+    return _once_on_main(fn, True, *args, **kwargs)  # type: ignore[return-value]

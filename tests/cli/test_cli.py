@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import ghostsolve
 from ghostsolve.cli import DEMO_MODEL_DIR, build_parser, main, parse_layers
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.checkpoint import checkpoint_info
+from ghostsolve.pipeline.io.checkpoint import checkpoint_info
 from tests.conftest import require_shared
 from tests.pipeline._tiny import text_file, tiny_model_dir
 

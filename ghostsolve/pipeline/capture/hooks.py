@@ -38,8 +38,9 @@ class _StopForward(Exception):
 class _Batch:
     """The taps of the batch in flight, handed to consumers as their events complete."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, adapter: ModelAdapter) -> None:
         self.plan = plan
+        self.adapter = adapter
         self.held: dict[Tap, torch.Tensor] = {}
         self.fired: set[Tap] = set()
         self.batch: CalibrationBatch | None = None
@@ -53,9 +54,9 @@ class _Batch:
             missing = [t for t in route.taps if t not in self.held]
             if missing:
                 raise GhostsolveError(
-                    f"{missing[0].describe(self.plan.num_layers)} was not seen before "
-                    f"{tap.describe(self.plan.num_layers)}; the model's forward does not run its decoder "
-                    "layers in order"
+                    f"the capture hooks for {missing[0].describe(self.plan.num_layers)} never fired before "
+                    f"{tap.describe(self.plan.num_layers)}; the model's forward does not run its decoder layers "
+                    f"as the {self.adapter.family} adapter expects ({self.adapter.layers_path})"
                 )
             route.consumer.consume(route.key, [self.held[t] for t in route.taps], self.batch, self.index)
         for released in self.plan.releases.get(tap, ()):
@@ -97,7 +98,7 @@ class HookEngine:
             )
             return
         plan = Plan.build(consumers, len(adapter.layers(model)), None)
-        state = _Batch(plan)
+        state = _Batch(plan, adapter)
         device = model_input_device(model, adapter)
         with torch.no_grad(), eval_mode(model), _hooks(model, adapter, plan, state.arrive):
             for index, batch in enumerate(progress_bar(batches, progress, "ghostsolve capture")):

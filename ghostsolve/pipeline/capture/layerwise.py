@@ -286,10 +286,13 @@ class _Pass:
         return h.to(self.offload) if self.offload is not None else h
 
     def fetch(self, h: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """An activation on the device where it is used next (the execution device, or ``module``'s)."""
-        if self.exec is not None and not self.dispatched:
+        """An activation on the device where it is used next: the execution device, or, with the model resident,
+        ``module``'s device. Accelerate's hooks move the inputs of a dispatched model themselves."""
+        if self.dispatched:
+            return h
+        if self.exec is not None:
             return h.to(self.exec)
-        devices = tensor_devices(module) if module is not None else set()
+        devices = {d for d in tensor_devices(module) if d.type != "meta"} if module is not None else set()
         return h.to(next(iter(devices))) if len(devices) == 1 else h
 
     def run_stream(

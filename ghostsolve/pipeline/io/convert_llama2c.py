@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.atomic import atomic_directory, refuse_existing
+from ghostsolve.pipeline.io.atomic import atomic_directory, refuse_existing
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

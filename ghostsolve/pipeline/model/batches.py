@@ -104,8 +104,8 @@ def as_batch(batch: Any) -> CalibrationBatch:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
     else:
         raise GhostsolveError(
-            f"a calibration batch is a {type(batch).__name__}; pass dicts with 'input_ids' (batch, seq) and "
-            "optionally 'attention_mask', or plain (batch, seq) token-id tensors "
+            f"a calibration batch is a {type(batch).__name__}; it must be a dict with 'input_ids' (batch, seq) "
+            "and optionally 'attention_mask', or a plain (batch, seq) token-id tensor "
             "(ghostsolve.pipeline.data.batches_from_windows builds them)"
         )
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
@@ -120,8 +120,8 @@ def as_batch(batch: Any) -> CalibrationBatch:
         mask = torch.as_tensor(mask)
         if tuple(mask.shape) != tuple(ids.shape):
             raise GhostsolveError(
-                f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must "
-                "have the same (batch, seq) shape"
+                f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must match "
+                "(both (batch, seq))"
             )
     return CalibrationBatch(ids, mask)
 

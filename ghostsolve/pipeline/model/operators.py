@@ -267,12 +267,12 @@ def _checked_entry(entry: Any, layers_path: str, final_norm_path: str) -> tuple[
     return path, kind, dim
 
 
-def _parent_and_name(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, name = path.rpartition(".")
-    parent = root
-    for part in parent_path.split(".") if parent_path else []:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)  # type: ignore[index]
-    return parent, name
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    # get_submodule walks registered child modules only: no attribute, class or function is reachable.
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise _Error(f"ghost entry module path {path!r} names no submodule of this model ({exc})") from None
 
 
 def apply_ghost_entries(
@@ -283,8 +283,9 @@ def apply_ghost_entries(
     Each entry is ``{"kind": "layer" | "norm", "module": dotted path, "dim": d, "delta_dtype": name,
     "compute_dtype": name or None}`` (plus, for layers, ``hidden_states_kwarg`` and
     ``hidden_states_arg_position``). A loader calls this on a freshly built pruned model, then loads the
-    state dict, which fills every ``ghost.delta``. Every entry is validated before anything changes: a
-    layer entry must name ``{layers_path}.{index}``, a norm entry ``final_norm_path`` exactly.
+    state dict, which fills every ``ghost.delta``. Every entry is validated before anything changes: a layer
+    entry must name ``{layers_path}.{index}`` of an existing layer, a norm entry ``final_norm_path`` exactly,
+    both plain dotted names reached through registered submodules only.
 
     Raises
     ------
@@ -294,14 +295,18 @@ def apply_ghost_entries(
     plan = []
     for entry in entries:
         path, kind, dim = _checked_entry(entry, layers_path, final_norm_path)
-        parent, name = _parent_and_name(model, path)
-        if kind == "layer" and not (isinstance(parent, nn.ModuleList) and int(name) < len(parent)):
-            raise _Error(f"ghost entry {path!r} names a layer the model does not have")
+        if kind == "layer":
+            layers = _submodule(model, layers_path)
+            index = int(path.rsplit(".", 1)[1])
+            if not (isinstance(layers, nn.ModuleList) and index < len(layers)):
+                raise _Error(f"ghost entry {path!r} names a layer the model does not have")
+            target = layers[index]
+        else:
+            target = _submodule(model, path)
         delta_dtype = _dtype_named(entry.get("delta_dtype", "float32"), "delta_dtype") or torch.float32
         compute_dtype = _dtype_named(entry.get("compute_dtype"), "compute_dtype")
-        plan.append((entry, kind, parent, name, dim, delta_dtype, compute_dtype))
-    for entry, kind, parent, name, dim, delta_dtype, compute_dtype in plan:
-        target = parent[int(name)] if kind == "layer" else getattr(parent, name)  # type: ignore[index]
+        plan.append((entry, kind, target, dim, delta_dtype, compute_dtype))
+    for entry, kind, target, dim, delta_dtype, compute_dtype in plan:
         attach_ghost(
             target,
             GhostOperator.zeros(dim, compute_dtype=compute_dtype, dtype=delta_dtype),

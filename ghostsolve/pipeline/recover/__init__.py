@@ -1,5 +1,5 @@
 """Recovery of a pruned model: the methods (:mod:`.methods`) and the algorithm that fits and applies them
-(:mod:`.recover`)."""
+(:mod:`.recovery`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ghostsolve.pipeline.recover.methods import (
     get_method,
     validate_method,
 )
-from ghostsolve.pipeline.recover.recover import CAPTURES, Recovery, iter_recoveries, recover, recover_all
+from ghostsolve.pipeline.recover.recovery import CAPTURES, Recovery, iter_recoveries, recover, recover_all
 
 __all__ = [
     "CAPTURES",

@@ -6,7 +6,8 @@ The JSON report (``ghostsolve select --report FILE.json``) is::
      "unit": "layer" | "block", "score_name": str, "removes": "lowest" | "highest", "details": {...}}
 
 ``selected`` holds the 0-based indices of the layers to remove; ``scores`` is per layer or per block start
-as ``unit`` says (see :mod:`ghostsolve.pipeline.select`); a non-finite score is written as ``null``.
+as ``unit`` says (see :mod:`ghostsolve.pipeline.select`); a non-finite score is written as ``null`` (the
+one JSON policy, :mod:`ghostsolve.pipeline.io.jsonio`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Any
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.atomic import check_destination, save_png
-from ghostsolve.pipeline.report import new_figure, write_report
-from ghostsolve.pipeline.select import STRATEGIES, Batch, Selection, select_layers
+from ghostsolve.pipeline.io.atomic import check_destination
+from ghostsolve.pipeline.io.jsonio import write_json
+from ghostsolve.pipeline.io.plots import plot_scores
+from ghostsolve.pipeline.model.batches import Batch
+from ghostsolve.pipeline.select.base import Selection
+from ghostsolve.pipeline.select.strategies import STRATEGIES, select_layers
 
 __all__ = [
     "format_selection",
@@ -83,41 +87,26 @@ def write_selection_report(selection: Selection, path: str | Path) -> Path:
     GhostsolveError
         If the parent folder does not exist.
     """
-    return write_report(selection.to_report(), path)
+    return write_json(selection.to_report(), path)
 
 
 def plot_selection(selection: Selection, path: str | Path, *, title: str | None = None) -> Path:
     """A PNG bar chart of the scores per layer (or per block start), removed bars highlighted.
-
-    Drawn with :func:`ghostsolve.pipeline.report.new_figure` (no global matplotlib backend) and written
-    atomically.
 
     Raises
     ------
     GhostsolveError
         If matplotlib is missing (install ``ghostsolve[model]``) or the folder does not exist.
     """
-    n = len(selection.scores)
-    chosen = _chosen_rows(selection)
-    values = [s if math.isfinite(s) else 0.0 for s in selection.scores]
-    fig = new_figure(path, (max(6.0, 0.35 * n + 2.5), 4.0))
-    ax = fig.add_subplot()
-    colors = ["tab:red" if i in chosen else "tab:blue" for i in range(n)]
-    ax.bar(range(n), values, color=colors)
-    for i, score in enumerate(selection.scores):
-        if not math.isfinite(score):
-            ax.annotate("n/a", (i, 0), ha="center", va="bottom", fontsize=7, color="tab:gray")
     if selection.unit == "layer":
-        ax.set_xlabel("layer (0-based)")
+        xlabel = "layer (0-based)"
     else:
-        ax.set_xlabel(f"block start l (removes layers l..l+{selection.num_drop - 1})")
-    ax.set_ylabel(f"{selection.score_name}\n(removes the {selection.removes})", fontsize=8)
-    ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
-    finite = [s for s in selection.scores if math.isfinite(s) and s > 0]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 50 and len(finite) == n:
-        ax.set_yscale("log")
-    ax.set_title(title or f"{selection.strategy}: remove layers {selection.selected}", fontsize=10)
-    return save_png(fig, path)
+        xlabel = f"block start l (removes layers l..l+{selection.num_drop - 1})"
+    return plot_scores(
+        path, selection.scores, chosen=_chosen_rows(selection), xlabel=xlabel,
+        ylabel=f"{selection.score_name}\n(removes the {selection.removes})",
+        title=title or f"{selection.strategy}: remove layers {selection.selected}",
+    )  # fmt: skip
 
 
 def run_select_command(

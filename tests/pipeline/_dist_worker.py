@@ -31,8 +31,8 @@ from ghostsolve.pipeline.distributed import (  # noqa: E402
     run_on_main,
     shard_batches,
 )
-from ghostsolve.pipeline.offload import capture_stats_layerwise  # noqa: E402
-from tests.scale.scale_case import (  # noqa: E402
+from ghostsolve.pipeline.capture import capture_stats_layerwise  # noqa: E402
+from tests.pipeline.scale_case import (  # noqa: E402
     INTERVALS,
     build_recovered,
     case_batches,
@@ -52,7 +52,7 @@ def _save_checkpoint(out: Path, fits: dict[Any, Any]) -> Path:
     model = build_recovered(case_model(), fits)
     target = out / "checkpoint"
     try:
-        from ghostsolve.pipeline.checkpoint import save
+        from ghostsolve.pipeline.io.checkpoint import save
     except ImportError:  # the checkpoint module is optional for this test: write the weights once
         target.mkdir()
         torch.save(model.state_dict(), target / "model.pt")

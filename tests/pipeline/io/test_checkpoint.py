@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 import ghostsolve
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.checkpoint import MODELING_FILE, atomic_directory, checkpoint_info, load, save
+from ghostsolve.pipeline.io.checkpoint import MODELING_FILE, atomic_directory, checkpoint_info, load, save
 from ghostsolve.pipeline.data import batches_from_windows, text_windows
 from ghostsolve.pipeline.recover import recover
-from ghostsolve.pipeline.surgery import GhostedLayer, GhostedNorm
+from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm
 from tests.pipeline._tiny import TEXT, tiny_llama, tiny_tokenizer
 
 IDS = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))

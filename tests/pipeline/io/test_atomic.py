@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline import atomic
-from ghostsolve.pipeline.atomic import atomic_directory, check_destination, write_bytes, write_text
+from ghostsolve.pipeline.io import atomic
+from ghostsolve.pipeline.io.atomic import atomic_directory, check_destination, write_bytes, write_text
 
 
 @pytest.fixture

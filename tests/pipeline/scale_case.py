@@ -24,7 +24,8 @@ def case_batches() -> list[dict[str, torch.Tensor]]:
 
 def build_recovered(model: Any, fits: dict[tuple[int, int], Any]) -> Any:
     """``model`` with the intervals removed and one ghost operator per interval inserted."""
-    from ghostsolve.pipeline.surgery import GhostOperator, insert_ghost, remove_layers
+    from ghostsolve.pipeline.model.operators import GhostOperator
+    from ghostsolve.pipeline.model.surgery import insert_ghost, remove_layers
 
     num_layers = model.config.num_hidden_layers
     removed = [i for start, end in fits for i in range(start, end)]

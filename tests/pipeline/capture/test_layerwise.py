@@ -10,8 +10,9 @@ import torch
 
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.capture import capture_stats
-from ghostsolve.pipeline.offload import capture_stats_layerwise
-from ghostsolve.pipeline.surgery import GhostOperator, insert_ghost
+from ghostsolve.pipeline.capture import capture_stats_layerwise
+from ghostsolve.pipeline.model.operators import GhostOperator
+from ghostsolve.pipeline.model.surgery import insert_ghost
 from ghostsolve.stats import Stats
 from tests.model_factories import random_batches, tiny_model
 
@@ -103,9 +104,9 @@ def test_layerwise_sees_inserted_ghosts_like_capture() -> None:
 
 
 def test_layerwise_accepts_plain_id_tensors_and_places_stats(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ghostsolve.pipeline import offload
+    from ghostsolve.pipeline.capture import consumers
 
-    monkeypatch.setattr(offload, "_CHUNK_ROWS", 5)  # several Stats updates per batch
+    monkeypatch.setattr(consumers, "CHUNK_ROWS", 5)  # several Stats updates per batch
     model = tiny_model("llama", num_layers=3)
     ids = [b["input_ids"] for b in random_batches()]
     got = capture_stats_layerwise(
@@ -152,9 +153,9 @@ def test_model_is_unchanged_after_success_and_failure() -> None:
     ("batches", "intervals", "match"),
     [
         ([], [(1, 2)], r"no calibration batches: the batches iterable was empty"),
-        ([[1, 2, 3]], [(1, 2)], r"a calibration batch is a list; pass dicts with 'input_ids'"),
+        ([[1, 2, 3]], [(1, 2)], r"a calibration batch is a list; it must be a dict with 'input_ids'"),
         ([{"input_ids": torch.ones(5, dtype=torch.long)}], [(1, 2)],
-         r"input_ids of a calibration batch is \(5,\); it must be a \(batch, seq_len\) tensor"),
+         r"input_ids of a calibration batch is \(5,\); it must be a \(batch, seq\) integer tensor"),
         ([{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}], [(1, 2)],
          r"attention_mask is \(2, 3\) but input_ids is \(2, 4\); they must match"),
         ([{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}], [(1, 2)],
@@ -300,7 +301,7 @@ def test_on_interval_returning_none_is_plain_pruning() -> None:
         model, batches, [(1, 2), (3, 5)], device="cpu", progress=False, on_interval=lambda iv, s: None
     )
     # X of (3, 5) comes from the model without layer 1: what the plainly pruned model computes.
-    from ghostsolve.pipeline.surgery import remove_layers
+    from ghostsolve.pipeline.model.surgery import remove_layers
 
     pruned = remove_layers(tiny_model("qwen3", num_layers=5), [1])
     expected = _reference(pruned, batches, [(2, 4)])[(2, 4)]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.fold import fold_prune_comp, fold_replaceme, untie_embeddings
+from ghostsolve.pipeline.model.folds import fold_prune_comp, fold_replaceme, untie_embeddings
 from ghostsolve.pipeline.recover import recover
-from ghostsolve.pipeline.surgery import remove_layers
+from ghostsolve.pipeline.model.surgery import remove_layers
 from tests.model_factories import random_batches, tiny_model
 
 PRE_NORM = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")

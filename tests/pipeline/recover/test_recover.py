@@ -17,7 +17,8 @@ from ghostsolve.pipeline.recover import (
     recover,
     recover_all,
 )
-from ghostsolve.pipeline.surgery import FINAL_NORM, GhostedLayer, GhostedNorm, GhostOperator
+from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm, GhostOperator
+from ghostsolve.pipeline.model.surgery import FINAL_NORM
 from tests.model_factories import TINY_FAMILIES, random_batches, tiny_model
 
 IDS = torch.tensor([[1, 17, 42, 8, 9, 33], [1, 70, 3, 3, 12, 88]])
@@ -242,13 +243,15 @@ def test_nan_calibration_is_reported_and_model_untouched() -> None:
     assert all(torch.equal(now[k].nan_to_num(), state[k].nan_to_num()) for k in state)
 
 
-def test_sequential_needs_reiterable_batches() -> None:
+def test_one_shot_batches_serve_every_order() -> None:
+    # The batches are read into a list once, so a generator serves the two-stream pass as well as a list.
     model = tiny_model("llama")
-    with pytest.raises(GhostsolveError, match="once per interval; pass a list or a DataLoader"):
-        recover(model, [0, 2], iter(BATCHES), method="ghost", order="sequential", progress=False)
-    # One interval needs one pass only: a generator is fine.
-    rec = recover(model, [1], iter(BATCHES), method="ghost", order="sequential", progress=False)
-    assert rec.order == "sequential"
+    for order in ("independent", "sequential"):
+        from_list = recover(model, [0, 2], BATCHES, method="ghost", order=order, progress=False)
+        from_generator = recover(model, [0, 2], iter(BATCHES), method="ghost", order=order, progress=False)
+        for interval, fitted in from_list.fits.items():
+            other = from_generator.fits[interval]
+            assert fitted is not None and other is not None and torch.equal(fitted.delta, other.delta)
 
 
 def test_iter_recoveries_yields_in_order() -> None:
@@ -269,7 +272,7 @@ def test_generation_after_recovery_with_cache() -> None:
 
 
 def test_failing_fit_leaves_an_inplace_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ghostsolve.pipeline.recover as recover_module
+    import ghostsolve.pipeline.recover.methods as recover_module
 
     real_fit = recover_module.fit
     calls = []
@@ -354,7 +357,8 @@ def test_layerwise_sequential_takes_one_pass_and_a_one_shot_iterator() -> None:
 
 @pytest.mark.parametrize("order", ["independent", "sequential"])
 def test_layerwise_statistics_are_summed_across_ranks(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ghostsolve.pipeline.recover as recover_module
+    import ghostsolve.pipeline.recover.recovery as recover_module
+    from ghostsolve.pipeline.distributed import DistributedContext
 
     reduced: list[tuple[int, int]] = []
 
@@ -363,10 +367,12 @@ def test_layerwise_statistics_are_summed_across_ranks(order: str, monkeypatch: p
         return stats_by_interval
 
     monkeypatch.setattr(recover_module, "all_reduce_stats", record)
-    recover(
-        tiny_model("llama"), [0, 2], BATCHES, method="ghost", order=order, capture="layerwise",
-        device="cpu", progress=False,
-    )  # fmt: skip
+    kwargs = dict(method="ghost", order=order, capture="layerwise", device="cpu", progress=False)
+    # Without a distributed context no collective runs, even where a process group might exist.
+    recover(tiny_model("llama"), [0, 2], BATCHES, **kwargs)
+    assert reduced == []
+    two_ranks = DistributedContext(rank=0, world_size=2, local_rank=0, backend="gloo", device=torch.device("cpu"))
+    recover(tiny_model("llama"), [0, 2], BATCHES, distributed=two_ranks, **kwargs)
     assert sorted(reduced) == [(0, 1), (2, 3)]
 
 
@@ -375,18 +381,31 @@ def test_layerwise_statistics_are_summed_across_ranks(order: str, monkeypatch: p
     [
         ({"capture": "offload"}, "unknown capture 'offload'; choose one of hooks, layerwise"),
         ({"device": "cpu"}, r"device='cpu' is the execution device of capture='layerwise'.*capture='hooks'"),
-        (
-            {"capture": "layerwise", "method": "replaceme"},
-            r"method 'replaceme' fits the MLP output.*use capture='hooks'",
-        ),
-        (
-            {"capture": "layerwise", "method": "prune-comp", "order": "sequential", "drop": [0, 2]},
-            r"method 'prune-comp' in 'sequential' order.*use capture='hooks' or order='independent'",
-        ),
     ],
 )
 def test_layerwise_refusals(kwargs: dict, match: str) -> None:
     _assert_refused_and_untouched(kwargs, match)
+
+
+@pytest.mark.parametrize("order", ["independent", "sequential"])
+@pytest.mark.parametrize("method", ["replaceme", "prune-comp", "ghost"])
+def test_every_method_works_in_every_order_with_either_capture(method: str, order: str) -> None:
+    # One two-stream pass serves the sequential order in both engines: the same statistics, the same maps.
+    model = tiny_model("llama", num_layers=5)
+    drop = [1, 3]
+    hooks = recover(model, drop, BATCHES, method=method, order=order, progress=False)
+    layerwise = recover(model, drop, BATCHES, method=method, order=order, capture="layerwise", device="cpu",
+                        progress=False)  # fmt: skip
+    for interval, expected in hooks.fits.items():
+        got = layerwise.fits[interval]
+        assert expected is not None and got is not None
+        assert _relative_gap(got.delta, expected.delta) <= 1e-6
+    assert torch.allclose(rec_logits(layerwise.model), rec_logits(hooks.model), rtol=1e-4, atol=1e-5)
+
+
+def rec_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
 
 
 def test_layerwise_prune_comp_in_independent_order_matches_hooks() -> None:

@@ -2,7 +2,7 @@
 
 References are computed here without the module's hooks: hidden states come from Hugging Face's
 ``output_hidden_states`` on a copy of the model whose final norm is replaced by the identity (so that the
-last entry is the final-norm *input*), removal from :func:`ghostsolve.pipeline.surgery.remove_layers`, the
+last entry is the final-norm *input*), removal from :func:`ghostsolve.pipeline.model.surgery.remove_layers`, the
 NLL from the model's own ``labels=`` loss, least squares from ``torch.linalg.lstsq`` on materialized rows.
 """
 
@@ -23,13 +23,13 @@ from ghostsolve import GhostsolveError
 from ghostsolve.adapters import get_adapter
 from ghostsolve.pipeline.data import batches_from_windows, sample_windows
 from ghostsolve.pipeline.select import STRATEGIES, Selection, select_layers
-from ghostsolve.pipeline.select_report import (
+from ghostsolve.pipeline.select.report import (
     format_selection,
     plot_selection,
     run_select_command,
     write_selection_report,
 )
-from ghostsolve.pipeline.surgery import remove_layers
+from ghostsolve.pipeline.model.surgery import remove_layers
 from tests.model_factories import random_batches, tiny_model
 
 FAMILIES = ("llama", "qwen3", "olmo2")
@@ -460,7 +460,7 @@ def test_recoverable_ppl_matches_recover_then_reference_ppl() -> None:
 
 
 def test_options_from_args_passes_only_what_a_strategy_accepts() -> None:
-    from ghostsolve.pipeline.select_report import options_from_args, strategy_help
+    from ghostsolve.pipeline.select.report import options_from_args, strategy_help
 
     assert options_from_args("angular", last_token=True, skip_first_token=False, top_k=None) == {
         "last_token": True

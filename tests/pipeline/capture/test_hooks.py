@@ -149,7 +149,7 @@ def test_all_padding_interval_reports_no_tokens() -> None:
         ([[1, 2, 3]], "must be a dict with 'input_ids'"),
         (
             [{"input_ids": torch.ones(4, dtype=torch.long)}],
-            r"input_ids must be a \(batch, seq\) integer tensor",
+            r"input_ids of a calibration batch is \(4,\); it must be a \(batch, seq\) integer tensor",
         ),
         (
             [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}],

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ghostsolve.pipeline.devices import model_input_device
+from ghostsolve.pipeline.model.devices import model_input_device
 from ghostsolve.pipeline.evaluate import perplexity
 
 VOCAB = 5

@@ -187,7 +187,7 @@ def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict
 @pytest.fixture(scope="module")
 def single_process_reference() -> dict:
     from ghostsolve.pipeline.capture import capture_stats
-    from tests.scale.scale_case import INTERVALS, case_batches, case_model
+    from tests.pipeline.scale_case import INTERVALS, case_batches, case_model
 
     stats = capture_stats(case_model(), case_batches(), INTERVALS, progress=False)
     return {
@@ -250,8 +250,8 @@ def test_checkpoint_is_written_once_by_rank_0(torchrun_results: dict) -> None:
 def test_saved_checkpoint_holds_the_all_reduced_operators(
     torchrun_results: dict, single_process_reference: dict
 ) -> None:
-    pytest.importorskip("ghostsolve.pipeline.checkpoint")
-    from ghostsolve.pipeline.surgery import ghost_layout
+    pytest.importorskip("ghostsolve.pipeline.io.checkpoint")
+    from ghostsolve.pipeline.model.surgery import ghost_layout
 
     model = ghostsolve.load(torchrun_results[-1]["out"] / "checkpoint")
     deltas = sorted(
@@ -269,7 +269,7 @@ def test_saved_checkpoint_holds_the_all_reduced_operators(
 
 @pytest.mark.slow
 def test_tsqr_factors_are_combined_not_summed(torchrun_results: dict) -> None:
-    from tests.scale.scale_case import qr_case_rows
+    from tests.pipeline.scale_case import qr_case_rows
 
     (X, Y), = qr_case_rows(1)
     Z = torch.cat([X, Y - X], dim=1)

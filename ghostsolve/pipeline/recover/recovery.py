@@ -47,6 +47,7 @@ from ghostsolve.pipeline.capture import (
 )
 from ghostsolve.pipeline.distributed import DistributedContext, all_reduce_stats
 from ghostsolve.pipeline.model.batches import CalibrationBatch, as_batches
+from ghostsolve.pipeline.model.ghosted import make_ghosted
 from ghostsolve.pipeline.model.surgery import Interval, ghost_layout, intervals_of, removal_set, remove_layers
 from ghostsolve.pipeline.recover.methods import (
     METHODS,
@@ -71,8 +72,9 @@ class Recovery:
     Attributes
     ----------
     model : nn.Module
-        The pruned, recovered model (a deep copy of the input unless ``inplace=True``); a normal transformers
-        model whose ghost operators are submodules (see :func:`ghost_layout`).
+        The pruned, recovered model (a deep copy of the input unless ``inplace=True``). With ghost operators it
+        is a ``Ghostsolve<Base>ForCausalLM`` (a subclass of the input's class; see
+        :mod:`ghostsolve.pipeline.model.ghosted`) whose operators are submodules (see :func:`ghost_layout`).
     removed : tuple of int
         Removed layer indices in the original numbering, sorted.
     intervals : list of (start, end)
@@ -87,7 +89,10 @@ class Recovery:
     fit_seconds : float
         Wall time spent in the solver(s).
     capture_seconds : float
-        Wall time of the capture passes this recovery used (a shared dense pass counts for every method).
+        Wall time of the capture passes this recovery used.
+    shared_capture : bool
+        Whether that was the dense pass shared by every method fitted in independent order (so its time is
+        counted in each of them).
     """
 
     model: nn.Module
@@ -99,6 +104,7 @@ class Recovery:
     relative_residuals: dict[Interval, float] = field(default_factory=dict)
     fit_seconds: float = 0.0
     capture_seconds: float = 0.0
+    shared_capture: bool = False
 
     @property
     def layout(self) -> list[dict[str, Any]]:
@@ -192,6 +198,7 @@ class _Fitted:
     relres: dict[Interval, float]
     fit_seconds: float
     capture_seconds: float
+    shared_capture: bool = False
 
 
 def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeStats | None,
@@ -211,7 +218,7 @@ def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeS
         # Plain pruning alone captures nothing; its residual is 1 by definition anyway.
         res = residual.stats.get(interval)
         relres[interval] = 1.0 if res is None else _relative_residual(res, fitted, method)
-    return _Fitted(fits, relres, seconds, capture_seconds)
+    return _Fitted(fits, relres, seconds, capture_seconds, shared_capture=method.family is not None)
 
 
 def _fit_sequential(job: _Job, method: Method) -> _Fitted:
@@ -253,10 +260,13 @@ def _build(job: _Job, method: Method, fitted: _Fitted, inplace: bool) -> Recover
         method.apply(target, job.adapter, Cut(start, end == current_layers), fitted.fits[interval], job.settings)
         offset += end - start
         current_layers -= end - start
+    if ghost_layout(target, adapter=job.adapter):
+        # A model with ghost operators is a Ghostsolve<Base>ForCausalLM: its save_pretrained loads back.
+        make_ghosted(target, layers_path=job.adapter.layers_path, final_norm_path=job.adapter.final_norm_path)
     return Recovery(
         model=target, removed=job.removed, intervals=list(job.intervals), fits=fitted.fits, method=method.name,
         order=job.order, relative_residuals=fitted.relres, fit_seconds=fitted.fit_seconds,
-        capture_seconds=fitted.capture_seconds,
+        capture_seconds=fitted.capture_seconds, shared_capture=fitted.shared_capture,
     )  # fmt: skip
 
 

@@ -15,8 +15,8 @@ import torch
 
 import ghostsolve
 from ghostsolve.pipeline.capture import capture_stats
-from ghostsolve.pipeline.offload import capture_stats_layerwise
-from ghostsolve.pipeline.surgery import GhostOperator
+from ghostsolve.pipeline.capture import capture_stats_layerwise
+from ghostsolve.pipeline.model.surgery import GhostOperator
 from tests.model_factories import random_batches, tiny_model
 
 pytestmark = [

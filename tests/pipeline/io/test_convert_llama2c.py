@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.convert_llama2c import (
+from ghostsolve.pipeline.io.convert_llama2c import (
     convert_llama2c,
     interleaved_to_halves,
     llama2c_decode,

@@ -13,18 +13,15 @@ from torch import nn
 
 from ghostsolve.adapters import get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.surgery import (
+from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm, GhostOperator, attach_ghost, ghost_of
+from ghostsolve.pipeline.model.surgery import (
     FINAL_NORM,
-    GhostedLayer,
-    GhostedNorm,
-    GhostOperator,
     apply_ghost_layout,
     ghost_layout,
     insert_ghost,
     intervals_of,
     removal_set,
     remove_layers,
-    unwrap,
 )
 from tests.model_factories import TINY_FAMILIES, tiny_model
 
@@ -135,13 +132,15 @@ def test_ghost_applies_w_at_the_first_kept_layer() -> None:
     insert_ghost(pruned, 1, GhostOperator(delta))
     seen: dict[str, torch.Tensor] = {}
 
-    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["in"] = kwargs.get("hidden_states", args[0] if args else None)
+    def keep_input(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        seen["in"] = out  # what the ghosted layer works on: its operator's output
 
     def keep_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         seen["out0"] = out
 
-    handle = unwrap(pruned.model.layers[1]).register_forward_pre_hook(keep_input, with_kwargs=True)
+    ghost = ghost_of(pruned.model.layers[1])
+    assert ghost is not None
+    handle = ghost.register_forward_hook(keep_input)
     previous = pruned.model.layers[0].register_forward_hook(keep_output)
     try:
         logits(pruned)
@@ -171,7 +170,7 @@ def test_generate_with_cache_after_removal(family: str, drop: list[int]) -> None
     without = pruned.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(with_cache, without)
     for new_idx, layer in enumerate(pruned.model.layers):
-        assert unwrap(layer).self_attn.layer_idx == new_idx
+        assert layer.self_attn.layer_idx == new_idx
 
 
 def test_layer_types_follow_the_kept_layers() -> None:
@@ -180,9 +179,10 @@ def test_layer_types_follow_the_kept_layers() -> None:
     remove_layers(model, [0, 3])
     assert model.config.layer_types == [types[1], types[2]]
     assert model.config.num_hidden_layers == 2
-    # The wrapper exposes the wrapped layer's per-layer attributes (4.x models read attention_type).
+    # A ghosted layer is still the layer, with its per-layer attributes (4.x models read attention_type).
+    attention = model.model.layers[0].self_attn
     insert_ghost(model, 0, GhostOperator.zeros(model.config.hidden_size))
-    assert model.model.layers[0].self_attn is unwrap(model.model.layers[0]).self_attn
+    assert model.model.layers[0].self_attn is attention
     assert model.model.layers[0].self_attn.sliding_window == (8 if types[1] == "sliding_attention" else None)
 
 
@@ -228,11 +228,11 @@ def test_ghost_operator_bad_input(delta: torch.Tensor, kwargs: dict, match: str)
 
 
 def test_ghosted_layer_positional_and_keyword() -> None:
-    inner = nn.Identity()
-    wrapped = GhostedLayer(GhostOperator(torch.eye(4)), inner)
+    wrapped = attach_ghost(nn.Identity(), GhostOperator(torch.eye(4)))
+    assert isinstance(wrapped, (GhostedLayer, nn.Identity))
     h = torch.ones(1, 2, 4)
     assert torch.equal(wrapped(h), 2 * h)
-    wrapped_kw = GhostedLayer(GhostOperator(torch.eye(4)), _KeywordLayer())
+    wrapped_kw = attach_ghost(_KeywordLayer(), GhostOperator(torch.eye(4)))
     assert torch.equal(wrapped_kw(hidden_states=h, scale=3.0), 6 * h)
     with pytest.raises(GhostsolveError, match="found no hidden states"):
         wrapped_kw(scale=1.0)
@@ -243,13 +243,17 @@ class _KeywordLayer(nn.Module):
         return hidden_states * scale
 
 
-def test_wrappers_fall_back_to_wrapped_attributes() -> None:
+def test_ghosted_modules_stay_what_they_were() -> None:
     norm = nn.LayerNorm(4)
-    wrapped = GhostedNorm(GhostOperator.zeros(4), norm)
-    assert wrapped.weight is norm.weight
-    assert wrapped.normalized_shape == (4,)
+    weight = norm.weight
+    wrapped = attach_ghost(norm, GhostOperator.zeros(4), kind="norm")
+    assert wrapped is norm and isinstance(norm, (GhostedNorm, nn.LayerNorm))
+    assert type(norm).__name__ == "LayerNorm" and norm.weight is weight
+    assert norm.normalized_shape == (4,)
     with pytest.raises(AttributeError):
-        _ = wrapped.no_such_attribute
+        _ = norm.no_such_attribute
+    with pytest.raises(GhostsolveError, match="already holds a ghost operator"):
+        attach_ghost(norm, GhostOperator.zeros(4), kind="norm")
 
 
 def test_state_dict_keys_and_reload_through_layout() -> None:
@@ -260,8 +264,9 @@ def test_state_dict_keys_and_reload_through_layout() -> None:
     insert_ghost(pruned, 1, GhostOperator(0.1 * torch.randn(d, d, generator=gen)))
     insert_ghost(pruned, FINAL_NORM, GhostOperator(0.1 * torch.randn(d, d, generator=gen)))
     keys = set(pruned.state_dict())
-    assert {"model.layers.1.ghost.delta", "model.norm.ghost.delta", "model.norm.norm.weight"} <= keys
-    assert "model.layers.1.layer.self_attn.q_proj.weight" in keys
+    # The base model's names are kept; the operators add their own.
+    assert {"model.layers.1.ghost.delta", "model.norm.ghost.delta", "model.norm.weight"} <= keys
+    assert "model.layers.1.self_attn.q_proj.weight" in keys
     assert "model.layers.0.self_attn.q_proj.weight" in keys
     layout = ghost_layout(pruned)
     assert layout == [{"insert_at": 1, "dim": d}, {"insert_at": FINAL_NORM, "dim": d}]

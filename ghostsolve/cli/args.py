@@ -1,0 +1,186 @@
+"""Reading the command line's values: layer lists, method lists, strategy options, devices, lengths.
+
+Each function turns what the user typed into what a workflow takes, or raises a :class:`GhostsolveError` that
+says what was wrong in the user's own terms (flag names, not parameter names).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ghostsolve.errors import GhostsolveError
+
+__all__ = [
+    "check_drop_args",
+    "drop_of",
+    "methods_of",
+    "parse_layers",
+    "positive",
+    "resolve_cli_device",
+    "selection_options",
+    "seq_len_of",
+]
+
+
+def parse_layers(spec: str) -> list[int]:
+    """Parse a layer list: ``"5-7"`` (inclusive: 5, 6, 7), ``"3,9"``, ``"3,5-7"``.
+
+    Raises
+    ------
+    GhostsolveError
+        If a part is not an integer or an ``a-b`` range with ``a <= b``, or a layer appears twice.
+    """
+    layers: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        bounds = _ints(first, last) if dash else _ints(part)
+        if bounds is None:
+            raise GhostsolveError(
+                f"cannot read layer list {spec!r}: {part!r} is neither an integer nor a range like 5-7"
+            )
+        if dash:
+            lo, hi = bounds
+            if lo > hi:
+                raise GhostsolveError(f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)")
+            layers.extend(range(lo, hi + 1))
+        else:
+            layers.append(bounds[0])
+    if not layers:
+        raise GhostsolveError(f"layer list {spec!r} is empty; give indices such as 5-7 or 3,9")
+    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+    if duplicates:
+        raise GhostsolveError(f"layer list {spec!r} names layers {duplicates} more than once")
+    return layers
+
+
+def _ints(*texts: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(t) for t in texts)
+    except ValueError:
+        return None
+
+
+def methods_of(spec: str) -> list[str]:
+    """The methods of ``--recover a,b,c``: known names, each once.
+
+    Raises
+    ------
+    GhostsolveError
+        An empty list, a name given twice, or an unknown name (the message lists the known ones).
+    """
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise GhostsolveError("--recover is empty; give method names such as ghost,identity")
+    duplicates = sorted({m for m in names if names.count(m) > 1})
+    if duplicates:
+        raise GhostsolveError(f"--recover lists {duplicates} more than once")
+    from ghostsolve.pipeline.recover import METHODS
+
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise GhostsolveError(f"unknown recovery method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def positive(value: str) -> int:
+    """argparse type of a positive integer."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def selection_options(args: argparse.Namespace, strategy: str) -> dict[str, Any]:
+    """The strategy options set on the command line (validated against ``strategy``)."""
+    from ghostsolve.pipeline.select.report import options_from_args
+
+    return options_from_args(
+        strategy,
+        last_token=getattr(args, "last_token", None),
+        skip_first_token=getattr(args, "skip_first_token", None),
+        top_k=getattr(args, "top_k", None),
+        keep_first=getattr(args, "keep_first", None),
+        keep_last=getattr(args, "keep_last", None),
+        normalize=getattr(args, "normalize", None),
+    )
+
+
+def check_drop_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check ``--drop`` / ``--select`` / ``--num-drop`` before any work; the strategy options of ``--select``.
+
+    Raises
+    ------
+    GhostsolveError
+        If no removal set is given, or ``--select`` and ``--num-drop`` are not given together.
+    """
+    strategy, num_drop = getattr(args, "select", None), getattr(args, "num_drop", None)
+    if getattr(args, "drop", None):
+        if num_drop is not None:
+            raise GhostsolveError(
+                f"--num-drop {num_drop} goes with --select, not --drop {args.drop}; give one removal rule"
+            )
+        return {}
+    if strategy is None:
+        if num_drop is not None:
+            raise GhostsolveError(
+                f"--num-drop {num_drop} needs --select STRATEGY to choose the layers (e.g. --select recoverable), "
+                "or give the layers with --drop"
+            )
+        raise GhostsolveError(
+            "no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9, or --num-drop N --select STRATEGY"
+        )
+    if num_drop is None:
+        raise GhostsolveError(f"--select {strategy} needs --num-drop N: how many layers to remove")
+    return selection_options(args, strategy)
+
+
+def drop_of(args: argparse.Namespace) -> list[int] | None:
+    """The layers of ``--drop`` (None when a strategy chooses them)."""
+    return parse_layers(args.drop) if getattr(args, "drop", None) else None
+
+
+def resolve_cli_device(name: str | None, ctx: Any = None) -> str:
+    """The device of ``--device NAME``; without one, the torchrun rank's device, else ``auto``.
+
+    Raises
+    ------
+    GhostsolveError
+        ``--device cuda...`` without a visible CUDA device.
+    """
+    import torch
+
+    if name is None:
+        if ctx is not None and ctx.is_distributed:
+            return str(ctx.device)
+        name = "auto"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GhostsolveError(f"--device {name} was asked but no CUDA device is available; use --device cpu")
+    return name
+
+
+def seq_len_of(args: argparse.Namespace, model: Any) -> int:
+    """``--seq-len``, checked against the model's positions (default: ``min(2048, max positions)``).
+
+    Raises
+    ------
+    GhostsolveError
+        A ``--seq-len`` beyond the model's maximum positions.
+    """
+    from ghostsolve.pipeline.evaluate import default_seq_len
+
+    if args.seq_len is None:
+        return default_seq_len(model)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and args.seq_len > max_positions:
+        raise GhostsolveError(
+            f"--seq-len {args.seq_len} exceeds the model's {max_positions} positions; use at most {max_positions}"
+        )
+    return int(args.seq_len)

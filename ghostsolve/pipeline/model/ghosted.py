@@ -1,0 +1,190 @@
+"""The model and config classes of a model that holds ghost operators (and a checkpoint's remote code).
+
+A pruned model whose removed intervals were replaced by ghost operators is an instance of
+``Ghostsolve<Base>ForCausalLM``, a subclass of its base class (``GhostsolveLlamaForCausalLM`` of
+``LlamaForCausalLM``), with a ``Ghostsolve<Base>Config`` whose ``model_type`` is ``ghostsolve_<base type>``.
+So ``isinstance(model, LlamaForCausalLM)`` holds, ``generate`` and every other transformers feature work, and
+``model.save_pretrained(DIR)`` writes a checkpoint that loads back exactly:
+
+* ``config.json`` keeps the base model's fields (with the pruned layer count), names ``model_type =
+  "ghostsolve_llama"`` (so plain transformers refuses it rather than silently building the unrecovered model)
+  and ``architectures = ["GhostsolveLlamaForCausalLM"]`` (what a serving engine's plugin registers), maps
+  ``AutoConfig`` / ``AutoModelForCausalLM`` to this file, and records the ghost layout in its ``ghostsolve``
+  section;
+* the weights keep the base model's names and add ``model.layers.{i}.ghost.delta`` / ``model.norm.ghost.delta``;
+* this file is copied beside them as ``modeling_ghostsolve.py`` and the operators as
+  ``ghostsolve_operators.py``, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works
+  without ghostsolve installed.
+
+This file imports only torch, transformers and the operators module (the package's own, or the copy shipped
+beside it in a checkpoint). Keep it that way. The classes are made on demand from their names
+(``Ghostsolve<Base>ForCausalLM`` subclasses ``<Base>ForCausalLM`` of transformers), so no list of
+architectures lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import transformers
+from torch import nn
+
+try:  # inside the ghostsolve package
+    if not (__package__ or "").startswith("ghostsolve."):
+        raise ImportError
+    from ghostsolve.pipeline.model import operators as _operators
+    from ghostsolve.pipeline.model.operators import apply_ghost_entries, check_exact_load, ghost_of
+except ImportError:  # the remote code of a checkpoint: the operators shipped beside this file
+    from . import ghostsolve_operators as _operators  # type: ignore[no-redef]
+    from .ghostsolve_operators import apply_ghost_entries, check_exact_load, ghost_of  # type: ignore[no-redef]
+
+__all__ = [
+    "MODELING_FILE",
+    "MODEL_TYPE_PREFIX",
+    "OPERATORS_FILE",
+    "SECTION",
+    "ghost_entries",
+    "ghosted_config_class",
+    "ghosted_model_class",
+    "make_ghosted",
+]
+
+SECTION = "ghostsolve"
+MODEL_TYPE_PREFIX = "ghostsolve_"
+MODELING_FILE = "modeling_ghostsolve.py"
+OPERATORS_FILE = "ghostsolve_operators.py"
+_PREFIX = "Ghostsolve"
+
+_CONFIGS: dict[type, type] = {}
+_MODELS: dict[type, type] = {}
+
+
+def ghosted_config_class(base: type) -> type:
+    """``Ghostsolve<Base>Config``: ``base`` with ``model_type = "ghostsolve_" + base.model_type``."""
+    if base not in _CONFIGS:
+        name = _PREFIX + base.__name__
+        _CONFIGS[base] = type(name, (base,), {"model_type": MODEL_TYPE_PREFIX + base.model_type,
+                                              "__module__": __name__, "__qualname__": name})  # fmt: skip
+    return _CONFIGS[base]
+
+
+def ghost_entries(model: nn.Module, layers_path: str, final_norm_path: str) -> list[dict[str, Any]]:
+    """Where the ghost operators of ``model`` sit, as the checkpoint's ``ghosts`` entries (JSON data)."""
+    entries: list[dict[str, Any]] = []
+    for i, layer in enumerate(model.get_submodule(layers_path)):
+        ghost = ghost_of(layer)
+        if ghost is not None:
+            entries.append({"kind": "layer", "insert_at": i, "module": f"{layers_path}.{i}", **_describe(ghost),
+                            "hidden_states_kwarg": layer.hidden_states_kwarg,
+                            "hidden_states_arg_position": layer.hidden_states_arg_position})  # fmt: skip
+    ghost = ghost_of(model.get_submodule(final_norm_path))
+    if ghost is not None:
+        entries.append({"kind": "norm", "insert_at": "final_norm", "module": final_norm_path, **_describe(ghost)})
+    return entries
+
+
+def _describe(ghost: Any) -> dict[str, Any]:
+    compute = ghost.compute_dtype
+    return {"dim": ghost.dim, "delta_dtype": str(ghost.delta.dtype).removeprefix("torch."),
+            "compute_dtype": None if compute is None else str(compute).removeprefix("torch.")}  # fmt: skip
+
+
+def _section(config: Any) -> dict[str, Any]:
+    section = getattr(config, SECTION, None)
+    if not isinstance(section, Mapping) or not isinstance(section.get("layout"), Mapping):
+        raise ValueError(
+            f"this {type(config).__name__} has no ghostsolve section with a ghost layout; the checkpoint's "
+            "config.json was damaged — re-save it with ghostsolve"
+        )
+    return dict(section)
+
+
+class _GhostedModel:
+    """Behaviour shared by every ``Ghostsolve<Base>ForCausalLM`` (mixed in before the base class)."""
+
+    config: Any
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        section = _section(config)
+        layout = section["layout"]
+        apply_ghost_entries(self, section.get("ghosts") or [], layers_path=str(layout["layers_path"]),
+                            final_norm_path=str(layout["final_norm_path"]))  # type: ignore[arg-type]  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        # A missing, unexpected or mis-shaped tensor would leave an operator at its placeholder (identity)
+        # value, i.e. silently give the unrecovered model: refuse instead.
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)  # type: ignore[misc]
+        check_exact_load(info, str(args[0]) if args else "checkpoint")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """``save_pretrained`` of the base class, with the ghost layout refreshed and the remote code beside."""
+        section = _section(self.config)
+        layout = section["layout"]
+        section["ghosts"] = ghost_entries(self, str(layout["layers_path"]), str(layout["final_norm_path"]))  # type: ignore[arg-type]
+        setattr(self.config, SECTION, section)
+        result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        folder = Path(save_directory)
+        shutil.copyfile(__file__, folder / MODELING_FILE)
+        shutil.copyfile(_operators.__file__, folder / OPERATORS_FILE)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["auto_map"] = {
+            "AutoConfig": f"{MODELING_FILE[:-3]}.{type(self.config).__name__}",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{type(self).__name__}",
+        }
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return result
+
+
+def ghosted_model_class(base: type) -> type:
+    """``Ghostsolve<Base>ForCausalLM``: ``base`` that rebuilds its ghost operators from its config.
+
+    ``_keep_in_fp32_modules`` gains ``"ghost"``, so an fp32 operator stays fp32 when the rest of the model is
+    loaded in bf16/fp16.
+    """
+    if base not in _MODELS:
+        name = _PREFIX + base.__name__
+        keep = [*(getattr(base, "_keep_in_fp32_modules", None) or []), "ghost"]
+        _MODELS[base] = type(name, (_GhostedModel, base), {
+            "config_class": ghosted_config_class(base.config_class), "_keep_in_fp32_modules": keep,
+            "__module__": __name__, "__qualname__": name,
+        })  # fmt: skip
+    return _MODELS[base]
+
+
+def make_ghosted(model: nn.Module, *, layers_path: str, final_norm_path: str) -> nn.Module:
+    """Make a model that holds ghost operators a ``Ghostsolve<Base>ForCausalLM``, in place; returns it.
+
+    The model's class and its config's class are swapped for their ghosted subclasses (nothing else changes:
+    same modules, same weights) and the config's ``ghostsolve`` section records where the layers and the final
+    norm sit and where the ghost operators are, so that ``save_pretrained`` writes a checkpoint that loads back.
+    """
+    if not isinstance(model, _GhostedModel):
+        model.__class__ = ghosted_model_class(type(model))
+    config = model.config
+    if not str(getattr(type(config), "model_type", "")).startswith(MODEL_TYPE_PREFIX):
+        config.__class__ = ghosted_config_class(type(config))
+    section = dict(getattr(config, SECTION, None) or {})
+    section["layout"] = {"layers_path": layers_path, "final_norm_path": final_norm_path}
+    section["ghosts"] = ghost_entries(model, layers_path, final_norm_path)
+    setattr(config, SECTION, section)
+    return model
+
+
+def __getattr__(name: str) -> type:
+    # transformers resolves auto_map entries by attribute: make Ghostsolve<Base>{ForCausalLM,Config} on demand.
+    base_name = name.removeprefix(_PREFIX)
+    base = getattr(transformers, base_name, None) if name.startswith(_PREFIX) else None
+    if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+        return ghosted_model_class(base)
+    if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
+        return ghosted_config_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

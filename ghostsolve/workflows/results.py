@@ -1,0 +1,219 @@
+"""What the workflows return: result objects that print as tables, serialize as the JSON report, and plot.
+
+The prune report is a contract that scripts rely on::
+
+    {"model": str, "removed": [int, ...], "seq_len": int,
+     "dense": {"perplexity": float},
+     "methods": {NAME: {"perplexity": float, "relative_residual": float | null, "fit_seconds": float,
+                        "relative_residuals": {"3-4": float | null, ...}}, ...},
+     "saved": NAME | null, ...}
+
+``NAME`` is the method name as given. More keys may be added, never removed or retyped. Interval keys name
+layers as ``--drop`` does (``"3-4"`` is layers 3 and 4); non-finite numbers are ``null`` (the one JSON policy of
+:mod:`ghostsolve.pipeline.io.jsonio`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ghostsolve.pipeline.io.jsonio import interval_label, to_json, write_json
+from ghostsolve.pipeline.io.plots import plot_perplexities
+
+__all__ = ["PLAIN_PRUNED", "DiagnoseResult", "IntervalDiagnosis", "MethodResult", "PruneResult"]
+
+PLAIN_PRUNED = "identity"
+"""The method name of plain pruning (no recovery), drawn as the "pruned" reference."""
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """Evaluation of one recovery method.
+
+    Attributes
+    ----------
+    perplexity : float or None
+        On the evaluation windows (None when the workflow evaluated nothing).
+    relative_residual : float or None
+        Boundary residual the method leaves on the calibration tokens relative to plain pruning's,
+        ``||X W - Y||² / ||X - Y||²`` (1 for ``identity``), averaged over removed intervals.
+    fit_seconds : float
+        Wall time of the fits (capture excluded when shared).
+    relative_residuals : dict
+        Per interval, keyed like ``"3-4"`` (the layers, both ends included).
+    """
+
+    perplexity: float | None
+    relative_residual: float | None
+    fit_seconds: float
+    relative_residuals: dict[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, recovery: Any, perplexity: float | None) -> MethodResult:
+        per = {interval_label(iv): float(v) for iv, v in recovery.relative_residuals.items()}
+        finite = [v for v in per.values() if math.isfinite(v)]
+        mean = sum(finite) / len(finite) if finite else None
+        return cls(perplexity, mean, float(recovery.fit_seconds), per)  # type: ignore[arg-type]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([cells[0].ljust(widths[0]), *rest])
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+@dataclass
+class PruneResult:
+    """The outcome of :func:`ghostsolve.workflows.prune`.
+
+    Attributes
+    ----------
+    model : str
+        Name or path of the dense model.
+    removed : list of int
+        Removed layers (0-based).
+    seq_len : int
+        Tokens per evaluation window (0 when nothing was evaluated).
+    dense_perplexity : float or None
+    methods : dict
+        ``name -> MethodResult`` in the order run.
+    saved : str or None
+        The method whose model was saved.
+    recovery : Recovery or None
+        The saved method's recovery (its model in memory), when one was kept.
+    selection : Selection or None
+        The layer selection, when a strategy chose the layers.
+    timings : dict
+        Wall seconds of each stage: ``selection``, ``capture``, ``fit``, ``evaluation``, ``save``, ``total``.
+    extra : dict
+        More report entries (data sources, seeds, settings).
+    """
+
+    model: str
+    removed: list[int]
+    seq_len: int
+    dense_perplexity: float | None
+    methods: dict[str, MethodResult]
+    saved: str | None = None
+    recovery: Any = None
+    selection: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def format_table(self) -> str:
+        """A fixed-width table: one row for the dense model, one per method (the saved one marked ``*``)."""
+        dense = self.dense_perplexity
+        header = ("method", "perplexity", "x dense", "rel. residual", "fit s")
+        rows = [("dense", _fmt(dense, ".3f"), "1.000" if dense else "-", "-", "-")]
+        for name, m in self.methods.items():
+            label = f"{name}{' *' if name == self.saved else ''}"
+            if name == PLAIN_PRUNED:
+                label += " (plain pruned)"
+            ratio = m.perplexity / dense if (m.perplexity is not None and dense) else None
+            rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), _fmt(m.relative_residual, ".4f"),
+                         _fmt(m.fit_seconds, ".3f")))  # fmt: skip
+        out = [f"model: {self.model}", f"removed layers: {self.removed}   seq_len: {self.seq_len}",
+               *_table(header, rows)]  # fmt: skip
+        if self.saved:
+            out.append(f"* saved: {self.saved}")
+        out.append(
+            "rel. residual: boundary residual ||XW - Y||² left on the calibration tokens, relative to plain "
+            "pruning's ||X - Y||²"
+        )
+        return "\n".join(out)
+
+    def to_report(self) -> dict[str, Any]:
+        """The JSON report (see the module docstring for the contract) as plain data."""
+        report: dict[str, Any] = {
+            "model": str(self.model),
+            "removed": [int(i) for i in self.removed],
+            "seq_len": int(self.seq_len),
+            "dense": {"perplexity": self.dense_perplexity},
+            "methods": {name: to_json(m) for name, m in self.methods.items()},
+            "saved": self.saved,
+            "timings": dict(self.timings),
+        }
+        if self.selection is not None:
+            report["selection"] = self.selection.to_report()
+        for key, value in self.extra.items():
+            report.setdefault(key, value)
+        return to_json(report)  # type: ignore[no-any-return]
+
+    def write_report(self, path: str | Path) -> Path:
+        """Write :meth:`to_report` as JSON, atomically."""
+        return write_json(self.to_report(), path)
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """A PNG bar chart of perplexity per method, dense and plain-pruned levels as lines."""
+        values = {n: m.perplexity for n, m in self.methods.items() if m.perplexity is not None}
+        return plot_perplexities(path, values, dense=float(self.dense_perplexity or math.nan),
+                                 highlight=self.saved,
+                                 title=title or f"{self.model}: layers {self.removed} removed")  # fmt: skip
+
+
+@dataclass
+class IntervalDiagnosis:
+    """Conditioning (every calibration token) and the fp32/fp64 solver table (raw rows) of one boundary."""
+
+    interval: tuple[int, int]
+    diagnostics: Any
+    precisions: Any
+    precision_rows: int
+
+    def format(self) -> str:
+        start, end = self.interval
+        head = f"boundary {start}->{end} (layers {interval_label(self.interval)} removed)"
+        body = "\n".join("  " + line for line in str(self.diagnostics).splitlines())
+        table = "\n".join("    " + line for line in str(self.precisions).splitlines())
+        return f"{head}\n{body}\n  solver stability on {self.precision_rows} tokens:\n{table}"
+
+    def to_report(self) -> dict[str, Any]:
+        conditioning = {k: v for k, v in vars(self.diagnostics).items() if k != "eigenvalues"}
+        return to_json({"conditioning": conditioning, "precisions": self.precisions.as_dicts(),
+                        "precision_rows": self.precision_rows})  # type: ignore[no-any-return]  # fmt: skip
+
+
+@dataclass
+class DiagnoseResult:
+    """The outcome of :func:`ghostsolve.workflows.diagnose_model`: one diagnosis per removed interval."""
+
+    model: str
+    removed: list[int]
+    intervals: list[IntervalDiagnosis]
+    selection: Any = None
+
+    def format(self) -> str:
+        return "\n".join(d.format() for d in self.intervals)
+
+    def to_report(self) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "model": self.model,
+            "removed": list(self.removed),
+            "intervals": {interval_label(d.interval): d.to_report() for d in self.intervals},
+        }
+        if self.selection is not None:
+            report["selection"] = self.selection.to_report()
+        return to_json(report)  # type: ignore[no-any-return]
+
+    def write_report(self, path: str | Path) -> Path:
+        return write_json(self.to_report(), path)
+
+
+def mean_of(values: Mapping[Any, float]) -> float | None:
+    """The mean of the finite values (None when there is none)."""
+    finite = [float(v) for v in values.values() if math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None
