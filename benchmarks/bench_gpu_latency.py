@@ -56,7 +56,8 @@ def build_models(shape: str, drop: int, device: torch.device, dtype: torch.dtype
     """The plainly pruned model and a copy of it with one ghost operator (random, small ``M``)."""
     import transformers
 
-    from ghostsolve.pipeline.surgery import FINAL_NORM, GhostOperator, insert_ghost, remove_layers
+    from ghostsolve.pipeline.model.operators import GhostOperator
+    from ghostsolve.pipeline.model.surgery import FINAL_NORM, insert_ghost, remove_layers
 
     dims = SHAPES[shape]
     heads = dims["hidden_size"] // 128

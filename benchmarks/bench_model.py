@@ -40,8 +40,9 @@ import pytest
 import torch
 from torch import nn
 
+from ghostsolve.pipeline.model.operators import GhostOperator
+from ghostsolve.pipeline.model.surgery import insert_ghost, remove_layers
 from ghostsolve.pipeline.recover import METHODS, iter_recoveries, recover
-from ghostsolve.pipeline.surgery import GhostOperator, insert_ghost, remove_layers
 
 ROUNDS = max(11, int(os.environ.get("GHOSTSOLVE_BENCH_ROUNDS", "11")))
 COST_ROUNDS = int(os.environ.get("GHOSTSOLVE_BENCH_COST_ROUNDS", "3"))
@@ -69,7 +70,7 @@ def synthetic_llama(hidden: int, layers: int, intermediate: int, seed: int = 0) 
 def stories260k() -> nn.Module:
     import transformers
 
-    from ghostsolve.pipeline.convert_llama2c import convert_llama2c
+    from ghostsolve.pipeline.io.convert_llama2c import convert_llama2c
 
     env = os.environ.get("GHOSTSOLVE_SHARED_DATA")
     source = (Path(env) if env else REPO.parent / "shared" / "data") / "models" / "stories260K"

@@ -3,8 +3,8 @@
 The core (this package's top-level modules) works on torch tensors and never imports transformers. The model
 side is reached lazily, on first access, so ``import ghostsolve`` stays light: ``ghostsolve.load`` and
 ``ghostsolve.save`` (checkpoints, :mod:`ghostsolve.pipeline.io.checkpoint`), and the workflows
-``ghostsolve.prune``, ``ghostsolve.diagnose_model`` and ``ghostsolve.demo`` (:mod:`ghostsolve.workflows`). They
-are not part of ``__all__`` (a star import would otherwise pull in transformers).
+``ghostsolve.prune``, ``ghostsolve.diagnose_model`` and ``ghostsolve.demo`` (:mod:`ghostsolve.workflows`).
+They are not part of ``__all__`` (a star import would otherwise pull in transformers).
 
 >>> import torch, ghostsolve
 >>> X = torch.randn(512, 16, dtype=torch.float64)

@@ -94,7 +94,7 @@ def load_demo(args: argparse.Namespace) -> tuple[Any, torch.Tensor, torch.Tensor
 def load_stories(args: argparse.Namespace, workdir: Path) -> tuple[Any, torch.Tensor, torch.Tensor, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ghostsolve.pipeline.convert_llama2c import convert_llama2c
+    from ghostsolve.pipeline.io.convert_llama2c import convert_llama2c
 
     source = shared_data() / "models" / "stories260K"
     out = convert_llama2c(source / "stories260K.bin", source / "tok512.bin", workdir / "stories260K-hf")

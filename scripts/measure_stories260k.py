@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ghostsolve.pipeline.convert_llama2c import convert_llama2c
+from ghostsolve.pipeline.io.convert_llama2c import convert_llama2c
+from ghostsolve.pipeline.model.surgery import intervals_of
 from ghostsolve.pipeline.recover import FOLDED_METHODS, METHODS, Recovery, recover_all
-from ghostsolve.pipeline.surgery import intervals_of
 
 REPO = Path(__file__).resolve().parents[1]
 REMOVAL_SETS = ([2], [3], [1, 2], [1, 3], [1, 3, 4], [0, 2])

@@ -4,9 +4,10 @@ An adapter answers *where* things are and *how* the architecture is arranged; it
 Capture, removal, insertion and folding are generic pipeline functions that read these facts.
 
 The facts are class attributes (dotted attribute paths and flags), so a new family is usually a
-subclass that overrides a few strings. The accessor methods only resolve those paths on a model
-or a decoder layer; they work through :class:`ghostsolve.pipeline.surgery.GhostedLayer` wrappers
-because those fall back to the wrapped layer for unknown attributes.
+subclass that overrides a few strings. The accessor methods only resolve those paths on a model or a
+decoder layer (a layer holding a ghost operator is still that layer), and :meth:`ModelAdapter.hidden_states`
+/ :meth:`ModelAdapter.replace_hidden_states` are the one place where a layer call's residual-stream argument
+is read or replaced.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class ModelAdapter:
 
     # -- model-level locations ------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        """The ``nn.ModuleList`` of decoder layers (possibly holding ``GhostedLayer`` wrappers)."""
+        """The ``nn.ModuleList`` of decoder layers (some may hold ghost operators)."""
         layers = resolve_path(model, self.layers_path)
         if not isinstance(layers, nn.ModuleList):
             raise GhostsolveError(
@@ -137,7 +138,7 @@ class ModelAdapter:
         return resolve_path(model, self.embeddings_path)  # type: ignore[no-any-return]
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        """The norm applied after the last decoder layer (possibly a ``GhostedNorm`` wrapper)."""
+        """The norm applied after the last decoder layer (it may hold a ghost operator)."""
         return resolve_path(model, self.final_norm_path)  # type: ignore[no-any-return]
 
     def set_final_norm(self, model: nn.Module, norm: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """The ``ghostsolve`` command line: prune, eval, diagnose, demo, select, convert-llama2c.
 
-Every command prints its results table on stdout, progress bars and log messages on stderr. Errors are a single
-line ``ghostsolve: error: ...`` on stderr with exit status 2 (``--traceback`` shows the full traceback
+Every command prints its results table on stdout, progress bars and log messages on stderr. Errors are a
+single line ``ghostsolve: error: ...`` on stderr with exit status 2 (``--traceback`` shows the full traceback
 instead). ``main(argv)`` runs in-process and returns the exit status.
 
 ``prune``, ``demo``, ``select`` and ``diagnose`` also run under ``torchrun`` (data-parallel calibration,
@@ -54,7 +54,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in _MODEL_EXTRA:
-        return f"{exc.name} is not installed; the command line needs the model extra: pip install 'ghostsolve[model]'"
+        return (
+            f"{exc.name} is not installed; the command line needs the model extra: "
+            "pip install 'ghostsolve[model]'"
+        )
     text = " ".join(str(exc).split())
     if not isinstance(exc, GhostsolveError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -44,7 +44,9 @@ def parse_layers(spec: str) -> list[int]:
         if dash:
             lo, hi = bounds
             if lo > hi:
-                raise GhostsolveError(f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)")
+                raise GhostsolveError(
+                    f"layer range {part!r} runs backwards; write it as {hi}-{lo} (both ends included)"
+                )
             layers.extend(range(lo, hi + 1))
         else:
             layers.append(bounds[0])
@@ -129,11 +131,13 @@ def check_drop_args(args: argparse.Namespace) -> dict[str, Any]:
     if strategy is None:
         if num_drop is not None:
             raise GhostsolveError(
-                f"--num-drop {num_drop} needs --select STRATEGY to choose the layers (e.g. --select recoverable), "
+                f"--num-drop {num_drop} needs --select STRATEGY to choose the layers (e.g. --select "
+                "recoverable), "
                 "or give the layers with --drop"
             )
         raise GhostsolveError(
-            "no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9, or --num-drop N --select STRATEGY"
+            "no layers to remove: give --drop, e.g. --drop 5-7 or --drop 3,9, or --num-drop N --select "
+            "STRATEGY"
         )
     if num_drop is None:
         raise GhostsolveError(f"--select {strategy} needs --num-drop N: how many layers to remove")
@@ -181,6 +185,7 @@ def seq_len_of(args: argparse.Namespace, model: Any) -> int:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and args.seq_len > max_positions:
         raise GhostsolveError(
-            f"--seq-len {args.seq_len} exceeds the model's {max_positions} positions; use at most {max_positions}"
+            f"--seq-len {args.seq_len} exceeds the model's {max_positions} positions; use at most "
+            f"{max_positions}"
         )
     return int(args.seq_len)

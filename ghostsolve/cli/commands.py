@@ -38,7 +38,8 @@ def _check_shardable(args: argparse.Namespace) -> None:
     batches = -(-args.num_calib // args.batch_size)
     if world > 1 and batches < world:
         raise GhostsolveError(
-            f"--num-calib {args.num_calib} in batches of --batch-size {args.batch_size} makes {batches} batch(es), "
+            f"--num-calib {args.num_calib} in batches of --batch-size {args.batch_size} makes {batches} "
+            "batch(es), "
             f"fewer than the {world} processes; every rank needs at least one: use a batch size of at most "
             f"{args.num_calib // world}, more calibration sequences, or fewer processes"
         )
@@ -47,8 +48,8 @@ def _check_shardable(args: argparse.Namespace) -> None:
 def _check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
     """Fail before any work if a file or directory the command will write cannot be written.
 
-    Covers ``--report`` and ``--plot`` (their folder must exist) and, when given, the ``--out`` directory (refused
-    if it exists without ``--overwrite``): a typo should not cost a whole run.
+    Covers ``--report`` and ``--plot`` (their folder must exist) and, when given, the ``--out`` directory
+    (refused if it exists without ``--overwrite``): a typo should not cost a whole run.
     """
     from ghostsolve.pipeline.io.atomic import check_destination, refuse_existing
 
@@ -67,7 +68,8 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time.
-    device = "cpu" if getattr(args, "layerwise", False) else resolve_cli_device(args.device, getattr(args, "dist", None))
+    device = "cpu" if getattr(args, "layerwise", False) else resolve_cli_device(args.device, getattr(args,
+        "dist", None))
     return load(path, device=device, dtype=dtype), load_tokenizer(path)
 
 
@@ -148,13 +150,17 @@ def prune(args: argparse.Namespace) -> int:
                   num_drop=None if drop else args.num_drop, order=args.order, out=out,
                   overwrite=args.overwrite)  # fmt: skip
     calib, evalw = _windows(args, model, tokenizer, seq_len)
-    layerwise = {"capture": "layerwise", "device": resolve_cli_device(args.device, getattr(args, "dist", None))}
+    capture: dict[str, Any] = {}
+    if args.layerwise:  # the model stays on the CPU; each layer in turn runs on --device
+        device = resolve_cli_device(args.device, getattr(args, "dist", None))
+        capture = {"capture": "layerwise", "device": device}
     result = prune_workflow(
-        model, tokenizer, calibration=calib, evaluation=evalw, drop=drop, select=None if drop else args.select,
+        model, tokenizer, calibration=calib, evaluation=evalw, drop=drop,
+        select=None if drop else args.select,
         num_drop=None if drop else args.num_drop, select_options=options, methods=methods, order=args.order,
         skip_first_token=args.skip_first_token, batch_size=args.batch_size, out=out, overwrite=args.overwrite,
         model_name=args.model, progress=not args.no_progress, distributed=getattr(args, "dist", None),
-        extra=_data_description(args, calib, evalw), **(layerwise if args.layerwise else {}),
+        extra=_data_description(args, calib, evalw), **capture,
     )  # fmt: skip
     if _is_main(args):
         _finish_prune(args, result, out)
@@ -176,7 +182,8 @@ def evaluate(args: argparse.Namespace) -> int:
                                 include_path=args.include_path)  # fmt: skip
         report["tasks"] = results
         for task, metrics in results.items():
-            shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v,
+                bool)}
             print(f"{task}: {json.dumps(shown, sort_keys=True)}")
     if args.eval_text or not args.tasks:
         seq_len = seq_len_of(args, model)
@@ -271,7 +278,8 @@ def demo(args: argparse.Namespace) -> int:
         out, overwrite=args.overwrite, drop=drop_of(args), select=args.select, num_drop=args.num_drop,
         select_options=options, methods=methods, order=args.order, calibration=_source(args.calib_text),
         num_calib=args.num_calib, evaluation=_source(args.eval_text), num_eval=args.num_eval,
-        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, skip_first_token=args.skip_first_token,
+        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+        skip_first_token=args.skip_first_token,
         progress=not args.no_progress, model_dir=args.model, distributed=getattr(args, "dist", None),
     )  # fmt: skip
     if not _is_main(args):
@@ -281,8 +289,10 @@ def demo(args: argparse.Namespace) -> int:
         f"{result.selection.removes})")  # fmt: skip
     print(f"selection: layers {result.removed}, {rule}")
     calib, evalw = result.extra["calibration"], result.extra["evaluation"]
-    print(f"data: {calib['sequences']} calibration sequences ({calib['source']}), {evalw['sequences']} evaluation "
-          f"sequences ({evalw['source']}), {calib['seq_len']} tokens each, seed {args.seed}")  # fmt: skip
+    print(
+        f"data: {calib['sequences']} calibration sequences ({calib['source']}), {evalw['sequences']} "
+        f"evaluation sequences ({evalw['source']}), {calib['seq_len']} tokens each, seed {args.seed}"
+    )
     print(result.format_table())
     if args.report:
         result.write_report(args.report)
@@ -294,7 +304,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def convert_llama2c(args: argparse.Namespace) -> int:
-    """``ghostsolve convert-llama2c``: a llama2.c checkpoint and tokenizer to a Hugging Face Llama directory."""
+    """``ghostsolve convert-llama2c``: a llama2.c checkpoint and tokenizer to a Hugging Face directory."""
     from ghostsolve.pipeline.io.convert_llama2c import convert_llama2c as convert
 
     out = convert(args.checkpoint, args.tokenizer, args.out, overwrite=args.overwrite)

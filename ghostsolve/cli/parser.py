@@ -174,7 +174,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _strategy_epilog() -> str:
-    from ghostsolve.pipeline.select_report import strategy_help
+    from ghostsolve.pipeline.select.report import strategy_help
 
     return strategy_help()
 

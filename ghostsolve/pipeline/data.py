@@ -29,10 +29,10 @@ from ghostsolve.errors import GhostsolveError
 __all__ = [
     "Batch",
     "batches_from_windows",
-    "calibration_windows",
-    "evaluation_windows",
     "bos_token_for_windows",
+    "calibration_windows",
     "count_tokens",
+    "evaluation_windows",
     "read_texts",
     "sample_windows",
     "select_windows",
@@ -397,8 +397,9 @@ def calibration_windows(
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Calibration windows ``(n, seq_len)``: ``n_windows`` drawn at random (seeded) from text files, or sampled
-    from the model itself with ``source="self"`` (the calibration seed stream of :func:`self_sampling_seed`).
+    """Calibration windows ``(n, seq_len)``: ``n_windows`` drawn at random (seeded) from text files, or
+    sampled from the model itself with ``source="self"`` (the calibration seed stream of
+    :func:`self_sampling_seed`).
 
     Raises
     ------
@@ -406,8 +407,10 @@ def calibration_windows(
         As :func:`read_texts`, :func:`text_windows` and :func:`sample_windows`.
     """
     if source == "self":
-        return sample_windows(model, tokenizer, n_windows, seq_len, seed=self_sampling_seed(seed, "calibration"),
-                              batch_size=batch_size, progress=progress, desc="sampling calibration")  # fmt: skip
+        return sample_windows(model, tokenizer, n_windows, seq_len, seed=self_sampling_seed(seed,
+            "calibration"),
+                              batch_size=batch_size, progress=progress,
+                              desc="sampling calibration")  # fmt: skip
     windows = text_windows(read_texts(source), tokenizer, seq_len)
     if windows.shape[0] < n_windows:
         logger.warning("the calibration text holds %d windows of %d tokens; using all of them, not %d",
@@ -426,9 +429,9 @@ def evaluation_windows(
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Evaluation windows: the first ``n_windows`` (None: all) windows of text files, or with ``source="self"``
-    ``n_windows`` (default :data:`DEFAULT_SELF_EVAL`) sequences sampled from the model on the evaluation seed
-    stream, disjoint from calibration's.
+    """Evaluation windows: the first ``n_windows`` (None: all) windows of text files, or with
+    ``source="self"`` ``n_windows`` (default :data:`DEFAULT_SELF_EVAL`) sequences sampled from the model on
+    the evaluation seed stream, disjoint from calibration's.
 
     Raises
     ------

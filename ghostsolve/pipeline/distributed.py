@@ -1,11 +1,11 @@
 """Data-parallel calibration on top of ``torch.distributed`` (launched with ``torchrun``).
 
 Every rank holds the whole model (or onloads it layer by layer, see :mod:`ghostsolve.pipeline.capture`),
-captures the statistics of its own shard of the calibration batches, and then the statistics are summed
-across ranks with one ``all_reduce(SUM)`` per buffer. Every collective of ghostsolve lives in this module,
-and the library runs one only where the caller asks for it (``recover(..., distributed=ctx)``). Statistics are raw fp64 sums (never means), so the
-sum over ranks *is* the statistics of the whole calibration set, and every rank then fits the same
-operators. NCCL is used on CUDA, gloo on CPU.
+captures the statistics of its own shard of the calibration batches, and then the statistics are summed across
+ranks with one ``all_reduce(SUM)`` per buffer. Every collective of ghostsolve lives in this module, and the
+library runs one only where the caller asks for it (``recover(..., distributed=ctx)``). Statistics are raw
+fp64 sums (never means), so the sum over ranks *is* the statistics of the whole calibration set, and every
+rank then fits the same operators. NCCL is used on CUDA, gloo on CPU.
 
 Typical use inside a script started with ``torchrun --nproc-per-node N script.py``::
 
@@ -377,7 +377,8 @@ def all_reduce_stats(
         stats = stats_by_interval[interval]
         r_factor = getattr(stats, "r_factor", None)
         if r_factor is not None:
-            stats.r_factor = _combine_r_factors(r_factor, comm_device, world, group)  # type: ignore[attr-defined]
+            combined = _combine_r_factors(r_factor, comm_device, world, group)
+            stats.r_factor = combined  # type: ignore[attr-defined]
     return stats_by_interval
 
 
@@ -411,7 +412,8 @@ def _once_on_main(fn: Callable[..., R], share: bool, *args: Any, **kwargs: Any) 
             result = fn(*args, **kwargs)
         except Exception as exc:
             error = exc
-    payload: list[Any] = [result if share else None, None if error is None else f"{type(error).__name__}: {error}"]
+    payload: list[Any] = [result if share else None,
+        None if error is None else f"{type(error).__name__}: {error}"]
     dist.broadcast_object_list(payload, src=0)
     if error is not None:
         raise error

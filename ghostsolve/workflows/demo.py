@@ -73,9 +73,9 @@ def demo(
 ) -> PruneResult:
     """Run :func:`~ghostsolve.workflows.prune` on the bundled demo model and write ``out``.
 
-    ``out`` receives ``model/`` (the ghost-recovered checkpoint), ``perplexity.png`` and ``report.json``, written
-    together atomically. Calibration and evaluation text are sampled from the dense model itself (seeded,
-    disjoint streams) unless text files are given. ``batch_size`` defaults to one batch per rank.
+    ``out`` receives ``model/`` (the ghost-recovered checkpoint), ``perplexity.png`` and ``report.json``,
+    written together atomically. Calibration and evaluation text are sampled from the dense model itself
+    (seeded, disjoint streams) unless text files are given. ``batch_size`` defaults to one batch per rank.
 
     Raises
     ------
@@ -98,7 +98,8 @@ def demo(
     batch_size = batch_size or max(1, num_calib // world)
     model, tokenizer = load(folder), load_tokenizer(folder)
     calib = broadcast_from_main(calibration_windows, model, tokenizer, calibration, n_windows=num_calib,
-                                seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress)  # fmt: skip
+                                seq_len=seq_len, seed=seed, batch_size=batch_size,
+                                progress=progress)  # fmt: skip
     evalw = run_on_main(evaluation_windows, model, tokenizer, evaluation, n_windows=num_eval, seq_len=seq_len,
                         seed=seed, batch_size=batch_size, progress=progress)  # fmt: skip
     result = prune(

@@ -36,8 +36,9 @@ def diagnose_model(
     model_name: str | None = None,
     distributed: DistributedContext | None = None,
 ) -> DiagnoseResult | None:
-    """Diagnose every removed interval: :func:`ghostsolve.diagnose` on the statistics of all calibration tokens,
-    and :func:`ghostsolve.compare_precisions` on the first ``max_rows`` raw rows (it refits from rows).
+    """Diagnose every removed interval: :func:`ghostsolve.diagnose` on the statistics of all calibration
+    tokens, and :func:`ghostsolve.compare_precisions` on the first ``max_rows`` raw rows (it refits from
+    rows).
 
     Parameters are those of :func:`ghostsolve.workflows.prune` (``drop`` or ``select`` with ``num_drop``).
 
@@ -51,8 +52,8 @@ def diagnose_model(
     GhostsolveError
         An invalid removal set or strategy (before any work); as capture and the diagnostics.
     """
-    check_request(model, methods=["identity"], drop=drop, select=select, num_drop=num_drop, order="independent",
-                  out=None, overwrite=False)  # fmt: skip
+    check_request(model, methods=["identity"], drop=drop, select=select, num_drop=num_drop,
+                  order="independent", out=None, overwrite=False)  # fmt: skip
     batches = batches_from_windows(calibration, batch_size)
     selection = None
     if select is not None:
@@ -62,16 +63,18 @@ def diagnose_model(
     assert drop is not None
     removed = removal_set(drop, len(get_adapter(model).layers(model)))
     intervals = intervals_of(removed)
-    sharded = distributed is not None and distributed.world_size > 1
-    mine = shard_batches(batches, distributed.rank, distributed.world_size) if sharded else batches  # type: ignore[union-attr]
+    mine = batches
+    if distributed is not None and distributed.world_size > 1:
+        mine = shard_batches(batches, distributed.rank, distributed.world_size)
     stats = capture_stats(model, mine, intervals, skip_first_token=skip_first_token, progress=progress)
-    if sharded:
+    if mine is not batches:
         all_reduce_stats(stats)
 
     def on_main() -> DiagnoseResult:
         diagnoses = []
         for interval in intervals:
-            X, Y = capture_rows(model, batches, interval, max_rows=max_rows, skip_first_token=skip_first_token)
+            X, Y = capture_rows(model, batches, interval, max_rows=max_rows,
+                                skip_first_token=skip_first_token)  # fmt: skip
             diagnoses.append(IntervalDiagnosis(interval, diagnose(stats[interval]), compare_precisions(X, Y),
                                                int(X.shape[0])))  # fmt: skip
         name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model")

@@ -1,14 +1,14 @@
 """The prune workflow: select → evaluate the dense model → recover with every method → evaluate each → save.
 
 What ``ghostsolve prune`` does, as one library call. Everything that can be checked is checked before any work
-(methods, removal set or strategy, orders, capture, output directory); the calibration set is captured once for
-every method (and not again after a selection rule that captured it already); one recovered model is held at a
-time; the wall time of every stage is recorded.
+(methods, removal set or strategy, orders, capture, output directory); the calibration set is captured once
+for every method (and not again after a selection rule that captured it already); one recovered model is held
+at a time; the wall time of every stage is recorded.
 
-Under torchrun pass the :class:`~ghostsolve.pipeline.distributed.DistributedContext`: every rank holds the model
-and the same windows, captures statistics on its own shard of the calibration batches (summed across ranks),
-and rank 0 alone selects, evaluates and saves; every rank returns the same :class:`PruneResult` layout, with the
-evaluations on rank 0 only.
+Under torchrun pass the :class:`~ghostsolve.pipeline.distributed.DistributedContext`: every rank holds the
+model and the same windows, captures statistics on its own shard of the calibration batches (summed across
+ranks), and rank 0 alone selects, evaluates and saves; every rank returns the same :class:`PruneResult`
+layout, with the evaluations on rank 0 only.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def check_request(
     ------
     GhostsolveError
         Unknown method, order or strategy; a removal given twice or not at all; an invalid removal set; a
-        method that cannot serve the removal set or the architecture; an existing output without ``overwrite``.
+        method that cannot serve the removal set or the architecture; an existing output without
+        ``overwrite``.
     """
     if not methods:
         raise GhostsolveError("no recovery methods given; give method names such as ghost,identity")
@@ -89,12 +90,18 @@ def check_request(
     adapter = get_adapter(model)
     num_layers = len(adapter.layers(model))
     if (drop is None) == (select is None):
-        raise GhostsolveError("give the layers to remove either as drop=[...] or as select=STRATEGY with num_drop")
+        raise GhostsolveError(
+            "give the layers to remove either as drop=[...] or as select=STRATEGY with "
+            "num_drop"
+        )
     if drop is not None:
         intervals = intervals_of(removal_set(drop, num_layers))
     else:
         if select not in STRATEGIES:
-            raise GhostsolveError(f"unknown selection strategy {select!r}; choose one of {', '.join(STRATEGIES)}")
+            raise GhostsolveError(
+                f"unknown selection strategy {select!r}; choose one of "
+                f"{', '.join(STRATEGIES)}"
+            )
         if num_drop is None:
             raise GhostsolveError(f"select={select!r} needs num_drop: how many layers to remove")
         intervals = []
@@ -104,7 +111,8 @@ def check_request(
         refuse_existing(Path(out).absolute(), overwrite)
 
 
-def select_on_main(model: nn.Module, batches: list[Any], select: str, num_drop: int, options: Mapping[str, Any],
+def select_on_main(model: nn.Module, batches: list[Any], select: str, num_drop: int, options: Mapping[str,
+    Any],
             distributed: DistributedContext | None) -> Selection:  # fmt: skip
     """The selection, made on rank 0 and sent to every rank (a plain call in one process)."""
     shared = distributed is not None and distributed.world_size > 1
@@ -120,10 +128,17 @@ def _selection_on_main(model: nn.Module, batches: list[Any], select: str, num_dr
     return dataclasses.replace(selection, stats={}) if shared else selection
 
 
-def _evaluate(model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool, desc: str) -> Any:
-    if windows is None:
-        return None
-    return run_on_main(perplexity, model, windows, batch_size=batch_size, progress=progress, desc=desc)
+def _evaluate(model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool,
+    desc: str) -> Any:
+    """Perplexity on rank 0 (None without windows). Every rank calls this: the others wait at its collective,
+    also when only rank 0 holds the windows."""
+
+    def on_main() -> Any:
+        return None if windows is None else perplexity(model, windows, batch_size=batch_size,
+            progress=progress,
+                                                       desc=desc)  # fmt: skip
+
+    return run_on_main(on_main)
 
 
 def prune(
@@ -173,8 +188,8 @@ def prune(
         A selection strategy (a key of :data:`~ghostsolve.pipeline.select.STRATEGIES`), how many layers it
         removes, and its options; it scores the model on the calibration windows.
     methods : sequence of str
-        Recovery methods (:data:`~ghostsolve.pipeline.recover.METHODS`), run in order; the first is saved unless
-        ``save_method`` says otherwise.
+        Recovery methods (:data:`~ghostsolve.pipeline.recover.METHODS`), run in order; the first is saved
+        unless ``save_method`` says otherwise.
     order, capture, device, ridge, solver, rank, skip_first_token, compute_dtype
         As :func:`ghostsolve.pipeline.recover.recover`.
     batch_size : int
@@ -209,7 +224,8 @@ def prune(
     selection = None
     if select is not None:
         assert num_drop is not None
-        selection = clock.timed("selection", select_on_main, model, batches, select, num_drop, select_options or {},
+        selection = clock.timed("selection", select_on_main, model, batches, select, num_drop,
+            select_options or {},
                                 distributed)  # fmt: skip
         drop = list(selection.selected)
     assert drop is not None

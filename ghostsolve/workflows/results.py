@@ -9,8 +9,8 @@ The prune report is a contract that scripts rely on::
      "saved": NAME | null, ...}
 
 ``NAME`` is the method name as given. More keys may be added, never removed or retyped. Interval keys name
-layers as ``--drop`` does (``"3-4"`` is layers 3 and 4); non-finite numbers are ``null`` (the one JSON policy of
-:mod:`ghostsolve.pipeline.io.jsonio`).
+layers as ``--drop`` does (``"3-4"`` is layers 3 and 4); non-finite numbers are ``null`` (the one JSON policy
+of :mod:`ghostsolve.pipeline.io.jsonio`).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class PruneResult:
             if name == PLAIN_PRUNED:
                 label += " (plain pruned)"
             ratio = m.perplexity / dense if (m.perplexity is not None and dense) else None
-            rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), _fmt(m.relative_residual, ".4f"),
+            rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), _fmt(m.relative_residual,
+                ".4f"),
                          _fmt(m.fit_seconds, ".3f")))  # fmt: skip
         out = [f"model: {self.model}", f"removed layers: {self.removed}   seq_len: {self.seq_len}",
                *_table(header, rows)]  # fmt: skip

@@ -9,9 +9,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import ghostsolve
-from ghostsolve.cli import DEMO_MODEL_DIR, build_parser, main, parse_layers
+from ghostsolve.cli import build_parser, main, parse_layers
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.io.checkpoint import checkpoint_info
+from ghostsolve.workflows.demo import DEMO_MODEL_DIR
 from tests.conftest import require_shared
 from tests.pipeline._tiny import text_file, tiny_model_dir
 
@@ -98,15 +99,15 @@ def test_prune_layerwise_equals_hooks(tmp_path, model_dir, text, order):
         assert layerwise["perplexity"] == pytest.approx(hooks["perplexity"], rel=1e-5)
 
 
-def test_prune_layerwise_refuses_replaceme(tmp_path, model_dir, text, capsys):
-    rc = main(
-        [
-            "prune", str(model_dir), "--drop", "2", "--recover", "replaceme", "--layerwise",
-            "--calib-text", str(text), "--num-calib", "4", "--seq-len", "32", *QUIET,
-        ]
-    )  # fmt: skip
-    assert rc == 2
-    assert "replaceme" in capsys.readouterr().err
+def test_prune_layerwise_serves_replaceme_like_hooks(tmp_path, model_dir, text, capsys):
+    # One engine interface: the layer-by-layer engine delivers ReplaceMe's MLP outputs too.
+    args = ["prune", str(model_dir), "--drop", "2", "--recover", "replaceme", "--calib-text", str(text),
+            "--num-calib", "4", "--seq-len", "32", *QUIET]  # fmt: skip
+    assert main([*args, "--report", str(tmp_path / "hooks.json")]) == 0
+    assert main([*args, "--layerwise", "--report", str(tmp_path / "layerwise.json")]) == 0
+    hooks = json.loads((tmp_path / "hooks.json").read_text())["methods"]["replaceme"]
+    layerwise = json.loads((tmp_path / "layerwise.json").read_text())["methods"]["replaceme"]
+    assert layerwise["perplexity"] == pytest.approx(hooks["perplexity"], rel=1e-5)
 
 
 def test_prune_with_self_calibration_and_no_output(tmp_path, model_dir, capsys):
@@ -124,7 +125,7 @@ def test_prune_with_self_calibration_and_no_output(tmp_path, model_dir, capsys):
     assert report["calibration"]["source"] == "self" and report["evaluation"]["source"] == "self"
     assert report["evaluation"]["windows"] == 4
     assert report["order"] == "sequential"
-    assert set(report["methods"]["ghost"]["relative_residuals"]) == {"1-2", "4-5"}
+    assert set(report["methods"]["ghost"]["relative_residuals"]) == {"1", "4"}  # layers, as --drop names them
 
 
 def test_eval_on_self_samples_and_plain_model(model_dir, capsys):
@@ -143,7 +144,7 @@ def test_diagnose(tmp_path, model_dir, text, capsys):
     stdout = capsys.readouterr().out
     assert "boundary 2->4" in stdout and "cond(X" in stdout and "float32" in stdout
     report = json.loads((tmp_path / "d.json").read_text())
-    entry = report["intervals"]["2-4"]
+    entry = report["intervals"]["2-3"]  # layers 2 and 3, as --drop 2-3 names them
     assert entry["precision_rows"] == 512
     assert entry["conditioning"]["dim"] == 32
     assert {row["dtype"] for row in entry["precisions"]} == {"float32", "float64"}
@@ -241,7 +242,7 @@ def test_errors_are_one_line_with_status_2(model_dir, text, capsys, argv, messag
 def test_unwritable_outputs_fail_before_the_model_is_loaded(
     tmp_path, model_dir, text, capsys, monkeypatch, argv, label
 ):
-    import ghostsolve.cli as cli
+    import ghostsolve.cli.commands as cli
 
     def no_load(*_a, **_k):
         raise AssertionError("the model was loaded before the output paths were checked")
@@ -257,7 +258,7 @@ def test_unwritable_outputs_fail_before_the_model_is_loaded(
 
 
 def test_demo_checks_its_report_before_the_model_is_loaded(tmp_path, model_dir, capsys, monkeypatch):
-    import ghostsolve.cli as cli
+    import ghostsolve.cli.commands as cli
 
     monkeypatch.setattr(cli, "_load_model", lambda *_a, **_k: pytest.fail("model loaded"))
     bad = tmp_path / "missing" / "r.json"

@@ -160,9 +160,10 @@ def test_diagnose_with_select(tmp_path, planted_dir, text, capsys):
 
 
 def test_too_few_batches_for_the_ranks_is_refused_before_any_work():
-    from ghostsolve.cli import _check_shardable
+    from ghostsolve.cli.commands import _check_shardable
 
     args = SimpleNamespace(dist=SimpleNamespace(world_size=4), num_calib=6, batch_size=4)
     with pytest.raises(GhostsolveError, match=r"makes 2 batch\(es\), fewer than the 4 processes.*at most 1"):
         _check_shardable(args)  # type: ignore[arg-type]
-    _check_shardable(SimpleNamespace(dist=SimpleNamespace(world_size=2), num_calib=6, batch_size=3))  # type: ignore[arg-type]
+    _check_shardable(SimpleNamespace(dist=SimpleNamespace(world_size=2), num_calib=6,
+        batch_size=3))  # type: ignore[arg-type]

@@ -127,7 +127,7 @@ def test_diagnose_under_torchrun_equals_one_process(tmp_path, model_dir, text, c
     assert log.count("boundary 2->4") == 1 and log.count("report:") == 1
     distributed, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dist", "single"))
     # Statistics summed over the two ranks' shards equal one process's over all batches.
-    d, s = distributed["intervals"]["2-4"]["conditioning"], single["intervals"]["2-4"]["conditioning"]
+    d, s = distributed["intervals"]["2-3"]["conditioning"], single["intervals"]["2-3"]["conditioning"]
     assert d["n_rows"] == s["n_rows"] == 8 * 32
     for key in ("condition_gram", "condition_x", "channel_ratio"):
         assert _rel(d[key], s[key]) < 1e-10, key

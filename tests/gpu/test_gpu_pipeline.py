@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import ghostsolve
-from ghostsolve.pipeline.capture import capture_stats
-from ghostsolve.pipeline.capture import capture_stats_layerwise
+from ghostsolve.pipeline.capture import capture_stats, capture_stats_layerwise
 from ghostsolve.pipeline.model.surgery import GhostOperator
 from tests.model_factories import random_batches, tiny_model
 

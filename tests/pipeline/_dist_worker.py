@@ -1,4 +1,4 @@
-"""Worker of tests/scale/test_distributed.py, started by torchrun with 2 gloo ranks on 127.0.0.1.
+"""Worker of tests/pipeline/test_distributed.py, started by torchrun with 2 gloo ranks on 127.0.0.1.
 
 Each rank captures its shard of the calibration batches (whole-model and layer-by-layer), all-reduces the
 statistics, fits every interval, and writes its results to ``OUT/rank{r}.pt`` for the test to compare.
@@ -22,7 +22,10 @@ sys.path.insert(0, str(REPO))
 
 import ghostsolve  # noqa: E402
 from ghostsolve.errors import GhostsolveError  # noqa: E402
-from ghostsolve.pipeline.capture import capture_stats  # noqa: E402
+from ghostsolve.pipeline.capture import (  # noqa: E402
+    capture_stats,
+    capture_stats_layerwise,
+)
 from ghostsolve.pipeline.distributed import (  # noqa: E402
     all_reduce_stats,
     barrier,
@@ -31,7 +34,6 @@ from ghostsolve.pipeline.distributed import (  # noqa: E402
     run_on_main,
     shard_batches,
 )
-from ghostsolve.pipeline.capture import capture_stats_layerwise  # noqa: E402
 from tests.pipeline.scale_case import (  # noqa: E402
     INTERVALS,
     build_recovered,

@@ -165,7 +165,9 @@ def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(REPO / "tests" / "scale" / "_dist_worker.py"), str(out),
+        # As a module: a script's own folder would go first on sys.path, and tests/pipeline/select would then
+        # shadow the standard library's select module.
+        "-m", "tests.pipeline._dist_worker", str(out),
     ]  # fmt: skip
     # Own session, so a hung run is killed with every worker it started.
     proc = subprocess.Popen(

@@ -105,7 +105,8 @@ def make_engine(
     if capture == "hooks":
         if device is not None:
             raise GhostsolveError(
-                f"device={str(device)!r} is the execution device of capture='layerwise'; capture='hooks' runs "
+                f"device={str(device)!r} is the execution device of capture='layerwise'; capture='hooks' "
+                "runs "
                 "the model where it sits, so move the model there or pass capture='layerwise'"
             )
         return HookEngine()
@@ -197,8 +198,8 @@ def capture_stats(
     adapter = adapter if adapter is not None else get_adapter(model)
     checked = check_intervals(intervals, len(adapter.layers(model)))
     spec = StatsSpec(dtype, product_dtype, dict(stats_options or {}))
-    consumer = IntervalStats(checked, num_layers=len(adapter.layers(model)), skip_first_token=skip_first_token,
-                             spec=spec)  # fmt: skip
+    consumer = IntervalStats(checked, num_layers=len(adapter.layers(model)),
+                             skip_first_token=skip_first_token, spec=spec)  # fmt: skip
     engine = make_engine(capture, device=device, offload_device=offload_device)
     run_capture(model, batches, [consumer], engine=engine, adapter=adapter, progress=progress)
     return consumer.stats
@@ -294,5 +295,5 @@ def capture_stats_layerwise(
 
         pruned = PrunedStream(checked, step)
     run_capture(model, batches, [consumer], engine=engine, adapter=adapter, progress=progress, pruned=pruned)
-    where = torch.device(stats_device) if stats_device is not None else engine.device
+    where = torch.device(stats_device) if stats_device is not None else (engine.device or torch.device("cpu"))
     return {iv: s if s.device == where else s.to(where) for iv, s in consumer.stats.items()}

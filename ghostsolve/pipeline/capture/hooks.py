@@ -1,10 +1,11 @@
 """The whole-model engine: one forward pass per batch, hooks read the taps (GPTQ's shape).
 
-Pre-hooks on the decoder layers (and on the final norm; on their ghost operator's output where they hold
-one) see the residual stream where it enters each boundary, forward hooks on the MLPs see their outputs, and each event goes to its consumer as soon as its
-last tap exists; nothing is held beyond the batch in flight, and only the taps a later event still needs.
-The forward stops (a private exception) right after the last tap, so neither the later layers nor the
-lm_head run. The model runs where it sits — one device, several, or dispatched by accelerate.
+Pre-hooks on the decoder layers (and on the final norm; on their ghost operator's output where they hold one)
+see the residual stream where it enters each boundary, forward hooks on the MLPs see their outputs, and each
+event goes to its consumer as soon as its last tap exists; nothing is held beyond the batch in flight, and
+only the taps a later event still needs. The forward stops (a private exception) right after the last tap, so
+neither the later layers nor the lm_head run. The model runs where it sits — one device, several, or
+dispatched by accelerate.
 
 This engine has one stream. The sequential order needs a second one whose maps depend on every batch's
 statistics, which no forward per batch can provide: given a :class:`PrunedStream`, it runs the two-stream
@@ -23,10 +24,10 @@ from torch import nn
 from ghostsolve.adapters import ModelAdapter
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.capture.plan import Consumer, Plan, PrunedStream, Tap
-from ghostsolve.pipeline.progress import progress_bar
 from ghostsolve.pipeline.model.batches import CalibrationBatch, eval_mode
 from ghostsolve.pipeline.model.devices import model_input_device
 from ghostsolve.pipeline.model.operators import ghost_of
+from ghostsolve.pipeline.progress import progress_bar
 
 __all__ = ["HookEngine"]
 
@@ -55,7 +56,8 @@ class _Batch:
             if missing:
                 raise GhostsolveError(
                     f"the capture hooks for {missing[0].describe(self.plan.num_layers)} never fired before "
-                    f"{tap.describe(self.plan.num_layers)}; the model's forward does not run its decoder layers "
+                    f"{tap.describe(self.plan.num_layers)}; the model's forward does not run its decoder "
+                    "layers "
                     f"as the {self.adapter.family} adapter expects ({self.adapter.layers_path})"
                 )
             route.consumer.consume(route.key, [self.held[t] for t in route.taps], self.batch, self.index)

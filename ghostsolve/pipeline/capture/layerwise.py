@@ -19,8 +19,8 @@ layer's ``forward`` temporarily replaced by a recorder. The model computes the e
 embeddings and the causal / sliding-window masks, exactly as in a normal forward, and the recorder keeps the
 arguments each layer would have received (per layer, so models whose layers differ in mask or rotary table,
 e.g. OLMo-3's alternating sliding/full attention, are served right). The forward stops at the last needed
-layer. Layers managed by accelerate (``dispatch_model``, ``device_map="auto"``, ``cpu_offload``) are not moved:
-their hooks onload the weights themselves.
+layer. Layers managed by accelerate (``dispatch_model``, ``device_map="auto"``, ``cpu_offload``) are not
+moved: their hooks onload the weights themselves.
 
 Memory on the offload device: the activations of all calibration tokens, ``n_tokens · d`` elements in the
 model's dtype, for each stream and for each tap held until its event completes (the stream entering an
@@ -286,8 +286,8 @@ class _Pass:
         return h.to(self.offload) if self.offload is not None else h
 
     def fetch(self, h: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """An activation on the device where it is used next: the execution device, or, with the model resident,
-        ``module``'s device. Accelerate's hooks move the inputs of a dispatched model themselves."""
+        """An activation on the device where it is used next: the execution device, or, with the model
+        resident, ``module``'s device. Accelerate's hooks move the inputs of a dispatched model themselves."""
         if self.dispatched:
             return h
         if self.exec is not None:
@@ -345,7 +345,7 @@ class _Pass:
 
     # -- handing taps to consumers ---------------------------------------------------------------------
     def deliver(self, tap: Tap, values: list[torch.Tensor]) -> None:
-        """Keep ``tap`` while an event needs it; hand every completed event to its consumer, batch by batch."""
+        """Keep ``tap`` while an event needs it; hand each completed event to its consumer, batch by batch."""
         if tap not in self.plan.needed:
             return
         self.values[tap] = values

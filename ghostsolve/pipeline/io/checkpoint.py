@@ -46,7 +46,8 @@ from ghostsolve.pipeline.model.ghosted import (
 )
 from ghostsolve.pipeline.model.surgery import ghost_layout
 
-__all__ = ["CONFIG_SECTION", "FORMAT_VERSION", "MODELING_FILE", "checkpoint_info", "load", "load_tokenizer", "save"]
+__all__ = ["CONFIG_SECTION", "FORMAT_VERSION", "MODELING_FILE", "checkpoint_info", "load", "load_tokenizer",
+    "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def _recovery_section(recovery: Any, model: Any) -> dict[str, Any]:
         "fit_seconds": to_json(recovery.fit_seconds),
         "relative_residuals": to_json(recovery.relative_residuals),
         "fits": [
-            {"interval": interval_label(iv), **({} if f is None else _describe_fit(f))} for iv, f in fits.items()
+            {"interval": interval_label(iv), **({} if f is None else _describe_fit(f))} for iv,
+            f in fits.items()
         ],
         "original_num_layers": int(model.config.num_hidden_layers) + len(removed),
     }
@@ -130,7 +132,8 @@ def _base_class(cls: type) -> type:
     import transformers
 
     for klass in cls.__mro__:
-        if klass.__module__.startswith("transformers.") and getattr(transformers, klass.__name__, None) is klass:
+        if klass.__module__.startswith("transformers.") and getattr(transformers, klass.__name__,
+            None) is klass:
             return klass
     return cls
 
@@ -152,12 +155,14 @@ def save(
     Parameters
     ----------
     recovery_or_model : Recovery or transformers PreTrainedModel
-        A :class:`~ghostsolve.pipeline.recover.Recovery` (its model, removed layers, method and fit diagnostics
-        are recorded) or a bare model (e.g. one returned by :func:`load`, whose recorded section is kept).
+        A :class:`~ghostsolve.pipeline.recover.Recovery` (its model, removed layers, method and fit
+        diagnostics are recorded) or a bare model (e.g. one returned by :func:`load`, whose recorded section
+        is kept).
     out_dir : path
         The directory to create.
     overwrite : bool
-        Replace an existing ``out_dir`` (atomically: the old one is removed only after the new one is in place).
+        Replace an existing ``out_dir`` (atomically: the old one is removed only after the new one is in
+        place).
     tokenizer : transformers tokenizer, optional
         Saved alongside, so the directory is self-sufficient.
     original_model : str, optional
@@ -227,7 +232,10 @@ def _read_config(path: str | Path) -> dict[str, Any] | None:
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
-            raise GhostsolveError(f"{str(local)!r} has no config.json; it is not a Hugging Face model directory")
+            raise GhostsolveError(
+                f"{str(local)!r} has no config.json; it is not a Hugging Face model "
+                "directory"
+            )
     elif local.exists():
         raise GhostsolveError(f"{str(local)!r} is a file; give the model's directory (holding config.json)")
     else:
@@ -238,7 +246,8 @@ def _read_config(path: str | Path) -> dict[str, Any] | None:
             resolved = cached_file(str(path), "config.json")
         except OSError as exc:
             raise GhostsolveError(
-                f"cannot find a model at {str(path)!r}: it is not a local directory and the hub lookup failed "
+                f"cannot find a model at {str(path)!r}: it is not a local directory and the hub lookup "
+                "failed "
                 f"({exc}); check the path"
             ) from exc
         if resolved is None:
@@ -291,16 +300,17 @@ def load(
 
     Notes
     -----
-    In float32 the loaded model's logits are bit-identical to the in-memory model's (tested on CPU). In bf16/fp16
-    they can differ in the last bits from a model cast in memory with ``model.to(dtype)``: that cast also rounds
-    non-persistent float buffers (the rotary ``inv_freq``) which ``from_pretrained`` rebuilds in float32.
+    In float32 the loaded model's logits are bit-identical to the in-memory model's (tested on CPU). In
+    bf16/fp16 they can differ in the last bits from a model cast in memory with ``model.to(dtype)``: that cast
+    also rounds non-persistent float buffers (the rotary ``inv_freq``) which ``from_pretrained`` rebuilds in
+    float32.
 
     Raises
     ------
     GhostsolveError
-        If the path holds no model, or the weights do not match the architecture exactly (a missing, unexpected
-        or mis-shaped tensor: e.g. a ghost operator's weight missing) — never a silent load of the unrecovered
-        model.
+        If the path holds no model, or the weights do not match the architecture exactly (a missing,
+        unexpected or mis-shaped tensor: e.g. a ghost operator's weight missing) — never a silent load of the
+        unrecovered model.
     """
     raw = _read_config(path)
     section = raw.get(SECTION) if raw is not None else None
@@ -326,7 +336,8 @@ def _load_plain(path: str | Path, load_kwargs: dict[str, Any]) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
+        model, info = loaded
     except (OSError, ValueError) as exc:
         raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {_first_line(exc)}") from exc
     _check_loading_info(info, path)
@@ -337,33 +348,37 @@ def _load_plain(path: str | Path, load_kwargs: dict[str, Any]) -> nn.Module:
 # ``<norm>.norm.*``; the wrapped module's own weights move back to the base model's names.
 def _v1_key_mapping(adapter: ModelAdapter) -> dict[str, str]:
     layers, norm = re.escape(adapter.layers_path), re.escape(adapter.final_norm_path)
-    return {rf"^{layers}\.(\d+)\.layer\.": rf"{adapter.layers_path}.\1.", rf"^{norm}\.norm\.": f"{adapter.final_norm_path}."}
+    return {rf"^{layers}\.(\d+)\.layer\.": rf"{adapter.layers_path}.\1.",
+        rf"^{norm}\.norm\.": f"{adapter.final_norm_path}."}
 
 
-def _ghosted_config(path: str | Path, raw: dict[str, Any], section: Mapping[str, Any]) -> tuple[Any, type]:
+def _ghosted_config(path: str | Path, raw: dict[str, Any], section: Mapping[str, Any]) -> tuple[Any, Any]:
     """The ghosted config (with a checked layout) and model class of a ghosted checkpoint."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     base_type = section.get("base_model_type")
     if not isinstance(base_type, str):
-        raise GhostsolveError(f"checkpoint {str(path)!r} has a damaged ghostsolve section (no base_model_type)")
+        raise GhostsolveError(
+            f"checkpoint {str(path)!r} has a damaged ghostsolve section (no "
+            "base_model_type)"
+        )
     fields = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type", "architectures", SECTION)}
     try:
         base_config = AutoConfig.for_model(base_type, **fields)
-        base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+        base_cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
     except (KeyError, ValueError) as exc:
         raise GhostsolveError(
-            f"checkpoint {str(path)!r} is of model type {base_type!r}, which this transformers has no causal LM "
-            f"for: {_first_line(exc)}"
+            f"checkpoint {str(path)!r} is of model type {base_type!r}, which this transformers has no "
+            f"causal LM for: {_first_line(exc)}"
         ) from exc
     adapter = get_adapter(base_config)
     layout = {"layers_path": adapter.layers_path, "final_norm_path": adapter.final_norm_path}
     stated = section.get("layout", layout)
     if dict(stated) != layout:
         raise GhostsolveError(
-            f"checkpoint {str(path)!r} places its ghost operators under {dict(stated)}, but the {adapter.family} "
-            f"layout is {layout}; refusing a layout that does not match the architecture"
+            f"checkpoint {str(path)!r} places its ghost operators under {dict(stated)}, but the "
+            f"{adapter.family} layout is {layout}; refusing a layout that does not match the architecture"
         )
     ghosts = section.get("ghosts") or []
     config = ghosted_config_class(type(base_config))(**fields)
@@ -382,13 +397,15 @@ def _load_ghosted(
     except (OSError, RuntimeError, ValueError) as exc:
         if isinstance(exc, GhostsolveError):
             raise
-        raise GhostsolveError(f"cannot load the ghosted checkpoint {str(path)!r}: {_first_line(exc)}") from exc
+        raise GhostsolveError(
+            f"cannot load the ghosted checkpoint {str(path)!r}: {_first_line(exc)}"
+        ) from exc
     return model  # type: ignore[no-any-return]
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved with a model or checkpoint (no remote code: a ghosted checkpoint's remote code is for
-    the model only).
+    """The tokenizer saved with a model or checkpoint (no remote code: a ghosted checkpoint's remote code is
+    for the model only).
 
     Raises
     ------

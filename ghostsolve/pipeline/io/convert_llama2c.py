@@ -513,7 +513,7 @@ def convert_llama2c(
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32) and the tokenizer
     files (``tokenizer.json``, ``tokenizer_config.json``), all loadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)``.
-    The write is atomic (:func:`ghostsolve.pipeline.atomic.atomic_directory`): a failure leaves no partial
+    The write is atomic (:func:`ghostsolve.pipeline.io.atomic.atomic_directory`): a failure leaves no partial
     directory and an overwritten ``out_dir`` as it was.
 
     Parameters

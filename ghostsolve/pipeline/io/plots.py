@@ -31,7 +31,9 @@ def new_figure(path: str | Path, figsize: tuple[float, float]) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise GhostsolveError(f"matplotlib is needed for the plot ({exc}); pip install 'ghostsolve[model]'") from exc
+        raise GhostsolveError(
+            f"matplotlib is needed for the plot ({exc}); pip install 'ghostsolve[model]'"
+        ) from exc
     check_destination(path, what="the plot")
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
@@ -61,8 +63,8 @@ def plot_perplexities(
     """A PNG bar chart of perplexity per method, with the dense and plain-pruned levels as lines.
 
     ``perplexities`` maps method names to perplexity, in the order drawn; ``plain_pruned`` names the plain
-    pruning entry (drawn grey, with its level as a line), ``highlight`` the saved method (drawn red). Labels carry
-    as many digits as it takes to tell close values apart.
+    pruning entry (drawn grey, with its level as a line), ``highlight`` the saved method (drawn red). Labels
+    carry as many digits as it takes to tell close values apart.
 
     Raises
     ------
@@ -73,11 +75,13 @@ def plot_perplexities(
     values = [float(perplexities[n]) for n in names]
     fig = new_figure(path, (max(7.0, 0.7 * len(names) + 4.0), 4.5))
     ax = fig.add_subplot()
-    colors = ["tab:gray" if n == plain_pruned else ("tab:red" if n == highlight else "tab:blue") for n in names]
+    colors = [
+        "tab:gray" if n == plain_pruned else ("tab:red" if n == highlight else "tab:blue") for n in names
+    ]
     bars = ax.bar(range(len(names)), values, color=colors)
     ax.bar_label(bars, labels=[_label(v, values) for v in values], fontsize=7, padding=2)
     ax.axhline(dense, color="tab:green", linestyle="--", label=f"dense ({dense:.2f})")
-    if plain_pruned in perplexities:
+    if plain_pruned is not None and plain_pruned in perplexities:
         level = float(perplexities[plain_pruned])
         ax.axhline(level, color="tab:gray", linestyle=":", label=f"plain pruned ({level:.2f})")
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")

@@ -104,8 +104,8 @@ def as_batch(batch: Any) -> CalibrationBatch:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
     else:
         raise GhostsolveError(
-            f"a calibration batch is a {type(batch).__name__}; it must be a dict with 'input_ids' (batch, seq) "
-            "and optionally 'attention_mask', or a plain (batch, seq) token-id tensor "
+            f"a calibration batch is a {type(batch).__name__}; it must be a dict with 'input_ids' "
+            "(batch, seq) and optionally 'attention_mask', or a plain (batch, seq) token-id tensor "
             "(ghostsolve.pipeline.data.batches_from_windows builds them)"
         )
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:

@@ -103,7 +103,9 @@ def resolve_device(device: torch.device | str | None, *, what: str = "device") -
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise GhostsolveError(f"{what}={device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')") from exc
+        raise GhostsolveError(
+            f"{what}={device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')"
+        ) from exc
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (resolved.index is not None and resolved.index >= count):

@@ -11,7 +11,8 @@ So ``isinstance(model, LlamaForCausalLM)`` holds, ``generate`` and every other t
   and ``architectures = ["GhostsolveLlamaForCausalLM"]`` (what a serving engine's plugin registers), maps
   ``AutoConfig`` / ``AutoModelForCausalLM`` to this file, and records the ghost layout in its ``ghostsolve``
   section;
-* the weights keep the base model's names and add ``model.layers.{i}.ghost.delta`` / ``model.norm.ghost.delta``;
+* the weights keep the base model's names and add ``model.layers.{i}.ghost.delta`` /
+  ``model.norm.ghost.delta``;
 * this file is copied beside them as ``modeling_ghostsolve.py`` and the operators as
   ``ghostsolve_operators.py``, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works
   without ghostsolve installed.
@@ -67,23 +68,27 @@ def ghosted_config_class(base: type) -> type:
     """``Ghostsolve<Base>Config``: ``base`` with ``model_type = "ghostsolve_" + base.model_type``."""
     if base not in _CONFIGS:
         name = _PREFIX + base.__name__
-        _CONFIGS[base] = type(name, (base,), {"model_type": MODEL_TYPE_PREFIX + base.model_type,
-                                              "__module__": __name__, "__qualname__": name})  # fmt: skip
+        model_type = MODEL_TYPE_PREFIX + str(vars(base).get("model_type") or base.model_type)  # type: ignore[attr-defined]
+        _CONFIGS[base] = type(name, (base,), {"model_type": model_type, "__module__": __name__,
+                                              "__qualname__": name})  # fmt: skip
     return _CONFIGS[base]
 
 
 def ghost_entries(model: nn.Module, layers_path: str, final_norm_path: str) -> list[dict[str, Any]]:
     """Where the ghost operators of ``model`` sit, as the checkpoint's ``ghosts`` entries (JSON data)."""
     entries: list[dict[str, Any]] = []
-    for i, layer in enumerate(model.get_submodule(layers_path)):
+    layers: Any = model.get_submodule(layers_path)
+    for i, layer in enumerate(layers):
         ghost = ghost_of(layer)
         if ghost is not None:
-            entries.append({"kind": "layer", "insert_at": i, "module": f"{layers_path}.{i}", **_describe(ghost),
+            entries.append({"kind": "layer", "insert_at": i, "module": f"{layers_path}.{i}",
+                **_describe(ghost),
                             "hidden_states_kwarg": layer.hidden_states_kwarg,
                             "hidden_states_arg_position": layer.hidden_states_arg_position})  # fmt: skip
     ghost = ghost_of(model.get_submodule(final_norm_path))
     if ghost is not None:
-        entries.append({"kind": "norm", "insert_at": "final_norm", "module": final_norm_path, **_describe(ghost)})
+        entries.append({"kind": "norm", "insert_at": "final_norm", "module": final_norm_path,
+            **_describe(ghost)})
     return entries
 
 
@@ -112,8 +117,9 @@ class _GhostedModel:
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         section = _section(config)
         layout = section["layout"]
-        apply_ghost_entries(self, section.get("ghosts") or [], layers_path=str(layout["layers_path"]),
-                            final_norm_path=str(layout["final_norm_path"]))  # type: ignore[arg-type]  # fmt: skip
+        model: Any = self
+        apply_ghost_entries(model, section.get("ghosts") or [], layers_path=str(layout["layers_path"]),
+                            final_norm_path=str(layout["final_norm_path"]))  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -125,10 +131,11 @@ class _GhostedModel:
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-        """``save_pretrained`` of the base class, with the ghost layout refreshed and the remote code beside."""
+        """The base class's ``save_pretrained``, the ghost layout refreshed and the remote code beside."""
         section = _section(self.config)
         layout = section["layout"]
-        section["ghosts"] = ghost_entries(self, str(layout["layers_path"]), str(layout["final_norm_path"]))  # type: ignore[arg-type]
+        model: Any = self
+        section["ghosts"] = ghost_entries(model, str(layout["layers_path"]), str(layout["final_norm_path"]))
         setattr(self.config, SECTION, section)
         result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
         folder = Path(save_directory)
@@ -153,10 +160,10 @@ def ghosted_model_class(base: type) -> type:
     if base not in _MODELS:
         name = _PREFIX + base.__name__
         keep = [*(getattr(base, "_keep_in_fp32_modules", None) or []), "ghost"]
-        _MODELS[base] = type(name, (_GhostedModel, base), {
-            "config_class": ghosted_config_class(base.config_class), "_keep_in_fp32_modules": keep,
-            "__module__": __name__, "__qualname__": name,
-        })  # fmt: skip
+        config_class = ghosted_config_class(base.config_class)  # type: ignore[attr-defined]
+        namespace = {"config_class": config_class, "_keep_in_fp32_modules": keep, "__module__": __name__,
+                     "__qualname__": name}  # fmt: skip
+        _MODELS[base] = type(name, (_GhostedModel, base), namespace)
     return _MODELS[base]
 
 
@@ -165,7 +172,8 @@ def make_ghosted(model: nn.Module, *, layers_path: str, final_norm_path: str) ->
 
     The model's class and its config's class are swapped for their ghosted subclasses (nothing else changes:
     same modules, same weights) and the config's ``ghostsolve`` section records where the layers and the final
-    norm sit and where the ghost operators are, so that ``save_pretrained`` writes a checkpoint that loads back.
+    norm sit and where the ghost operators are, so that ``save_pretrained`` writes a checkpoint that loads
+    back.
     """
     if not isinstance(model, _GhostedModel):
         model.__class__ = ghosted_model_class(type(model))
@@ -180,7 +188,8 @@ def make_ghosted(model: nn.Module, *, layers_path: str, final_norm_path: str) ->
 
 
 def __getattr__(name: str) -> type:
-    # transformers resolves auto_map entries by attribute: make Ghostsolve<Base>{ForCausalLM,Config} on demand.
+    # transformers resolves auto_map entries by attribute: make Ghostsolve<Base>{ForCausalLM,Config} on
+    # demand.
     base_name = name.removeprefix(_PREFIX)
     base = getattr(transformers, base_name, None) if name.startswith(_PREFIX) else None
     if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):

@@ -107,7 +107,8 @@ class GhostOperator(nn.Module):
         device: torch.device | str | None = None,
     ) -> GhostOperator:
         """An identity operator (``M = 0``) of size ``dim``; a placeholder before loading weights."""
-        return cls(torch.zeros(dim, dim, dtype=dtype, device=device), compute_dtype=compute_dtype, dtype=dtype)
+        zeros = torch.zeros(dim, dim, dtype=dtype, device=device)
+        return cls(zeros, compute_dtype=compute_dtype, dtype=dtype)
 
     @property
     def dim(self) -> int:
@@ -215,8 +216,8 @@ def attach_ghost(
     module.__class__ = _ghosted_class(GhostedLayer if kind == "layer" else GhostedNorm, type(module))
     module.ghost = ghost
     if kind == "layer":
-        module.hidden_states_kwarg = hidden_states_kwarg
-        module.hidden_states_arg_position = int(hidden_states_arg_position)
+        setattr(module, "hidden_states_kwarg", hidden_states_kwarg)  # noqa: B010 - nn.Module attrs type as Tensor
+        setattr(module, "hidden_states_arg_position", int(hidden_states_arg_position))  # noqa: B010
     return module
 
 
@@ -264,7 +265,7 @@ def _checked_entry(entry: Any, layers_path: str, final_norm_path: str) -> tuple[
         )
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise _Error(f"ghost entry dim must be a positive int, got {dim!r}")
-    return path, kind, dim
+    return path, str(kind), dim
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:

@@ -14,6 +14,7 @@ plain data and :func:`apply_ghost_layout` rebuilds that structure on a freshly b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -141,7 +142,9 @@ def check_intervals(
         try:
             start, end = (int(v) for v in item)
         except (TypeError, ValueError):
-            raise GhostsolveError(f"an interval is a pair (start, end) of layer indices, got {item!r}") from None
+            raise GhostsolveError(
+                f"an interval is a pair (start, end) of layer indices, got {item!r}"
+            ) from None
         if not 0 <= start < end <= num_layers:
             raise GhostsolveError(
                 f"interval {(start, end)} is invalid for a model of {num_layers} layers: need "
@@ -152,7 +155,7 @@ def check_intervals(
         raise GhostsolveError("no intervals given; pass at least one (start, end) pair")
     out = sorted(set(out)) if allow_overlap else sorted(out)
     if not allow_overlap:
-        for (s0, e0), (s1, e1) in zip(out, out[1:], strict=False):
+        for (s0, e0), (s1, e1) in itertools.pairwise(out):
             if s1 < e0:
                 raise GhostsolveError(f"intervals {(s0, e0)} and {(s1, e1)} overlap")
     return out
@@ -386,7 +389,9 @@ def apply_ghost_layout(
 
 
 @contextlib.contextmanager
-def bypassed(model: nn.Module, indices: Iterable[int], *, adapter: ModelAdapter | None = None) -> Iterator[None]:
+def bypassed(
+    model: nn.Module, indices: Iterable[int], *, adapter: ModelAdapter | None = None
+) -> Iterator[None]:
     """Within the block, each decoder layer in ``indices`` returns its input hidden states unchanged.
 
     A forward hook replaces the layer's output by its input (the layer still runs, its result is

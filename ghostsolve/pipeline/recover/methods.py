@@ -68,7 +68,7 @@ def default_rank(dim: int) -> int:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How every interval's operator is fitted and stored (see :func:`~ghostsolve.pipeline.recover.recover`)."""
+    """How each interval's operator is fitted and stored (see :func:`ghostsolve.pipeline.recover.recover`)."""
 
     ridge: float | None = None
     solver: str = "auto"
@@ -138,7 +138,7 @@ class Method:
     def stream_map(
         self, fitted: Fit | None, settings: FitSettings, mlp_outputs: Sequence[torch.Tensor] = ()
     ) -> StreamMap | None:
-        """The map this method adds to the pruned stream (see the module docstring); None for plain pruning."""
+        """The map this method adds to the pruned stream (see the module docstring); None: plain pruning."""
         if fitted is None or self.kind == "none":
             return None
         if self.kind == "prune-comp":
@@ -206,7 +206,8 @@ def validate_method(method: str, adapter: ModelAdapter, intervals: Sequence[Inte
         require_pre_norm(adapter, "Prune&Comp" if method == "prune-comp" else "ReplaceMe")
     if method == "replaceme" and any(start == 0 for start, _ in intervals):
         raise GhostsolveError(
-            "ReplaceMe folds its map into the down_proj of the last kept layer before the cut, but the removed "
+            "ReplaceMe folds its map into the down_proj of the last kept layer before the cut, but the "
+            "removed "
             "interval starting at layer 0 has no layer before it; keep layer 0 or use another method "
             "(e.g. 'ghost')"
         )

@@ -14,8 +14,8 @@ Captures. ``"hooks"`` runs the model where it sits; ``"layerwise"`` onloads one 
 execution device. Every method works in every order with either.
 
 Torchrun. Statistics are summed across ranks only when a
-:class:`~ghostsolve.pipeline.distributed.DistributedContext` is passed (then every rank passes its own shard of
-the batches); without one no collective runs, even inside a process group.
+:class:`~ghostsolve.pipeline.distributed.DistributedContext` is passed (then every rank passes its own shard
+of the batches); without one no collective runs, even inside a process group.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class Recovery:
     Attributes
     ----------
     model : nn.Module
-        The pruned, recovered model (a deep copy of the input unless ``inplace=True``). With ghost operators it
-        is a ``Ghostsolve<Base>ForCausalLM`` (a subclass of the input's class; see
+        The pruned, recovered model (a deep copy of the input unless ``inplace=True``). With ghost operators
+        it is a ``Ghostsolve<Base>ForCausalLM`` (a subclass of the input's class; see
         :mod:`ghostsolve.pipeline.model.ghosted`) whose operators are submodules (see :func:`ghost_layout`).
     removed : tuple of int
         Removed layer indices in the original numbering, sorted.
@@ -163,26 +163,29 @@ def _plan(model: nn.Module, drop: Iterable[int], methods: Sequence[str], batches
     engine = make_engine(options["capture"], device=options["device"])
     settings = FitSettings(options["ridge"], options["solver"], rank, options["compute_dtype"])
     return _Job(
-        model, adapter, removed, intervals, [get_method(n) for n in names], order, as_batches(batches), engine,
+        model, adapter, removed, intervals, [get_method(n) for n in names], order, as_batches(batches),
+        engine,
         settings, StatsSpec(options["dtype"], options["product_dtype"]), options["skip_first_token"],
         options["progress"], options["distributed"], dict(options["stats"] or {}),
     )  # fmt: skip
 
 
-def _consumers(job: _Job, methods: Sequence[Method], x_stream: str) -> tuple[IntervalStats, ReplaceMeStats | None]:
+def _consumers(job: _Job, methods: Sequence[Method], x_stream: str) -> tuple[IntervalStats,
+    ReplaceMeStats | None]:
     kwargs = {"num_layers": job.num_layers, "x_stream": x_stream, "skip_first_token": job.skip_first_token,
               "spec": job.spec}  # fmt: skip
     residual = IntervalStats(job.intervals, **kwargs)  # type: ignore[arg-type]
     needs_mlp = any(m.statistics == "mlp" for m in methods)
-    mlp = ReplaceMeStats(job.intervals, keep_mlp_outputs=x_stream == "pruned", **kwargs) if needs_mlp else None  # type: ignore[arg-type]
+    mlp = ReplaceMeStats(job.intervals, keep_mlp_outputs=x_stream == "pruned",
+        **kwargs) if needs_mlp else None  # type: ignore[arg-type]
     return residual, mlp
 
 
 def _relative_residual(res: Stats, fitted: Fit | None, method: Method) -> float:
     """Boundary residual relative to plain pruning: ``‖X_eff W − Y‖² / ‖Y − X‖²`` (1 for identity).
 
-    :attr:`Fit.relative_residual` for maps fitted on the boundary statistics; for ReplaceMe the fit's objective
-    ``‖m T − (y − r)‖² = ‖r + m T − y‖²`` over the boundary ``‖Y − X‖²``.
+    :attr:`Fit.relative_residual` for maps fitted on the boundary statistics; for ReplaceMe the fit's
+    objective ``‖m T − (y − r)‖² = ‖r + m T − y‖²`` over the boundary ``‖Y − X‖²``.
     """
     if fitted is None:
         return 1.0
@@ -190,6 +193,13 @@ def _relative_residual(res: Stats, fitted: Fit | None, method: Method) -> float:
         return float(fitted.relative_residual)
     dtd = float(res.dtd)
     return float(fitted.objective) / dtd if dtd > 0 else float("nan")
+
+
+def _source(method: Method, interval: Interval, residual: IntervalStats, mlp: ReplaceMeStats | None) -> Stats:
+    """The statistics ``method`` is fitted on: ReplaceMe's MLP statistics, else the boundary statistics."""
+    if method.statistics == "mlp" and mlp is not None:
+        return mlp.stats[interval]
+    return residual.stats[interval]
 
 
 @dataclass
@@ -210,7 +220,7 @@ def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeS
     for interval in job.intervals:
         fitted = None
         if method.family is not None:
-            source = mlp.stats[interval] if (method.statistics == "mlp" and mlp is not None) else residual.stats[interval]
+            source = _source(method, interval, residual, mlp)
             tic = time.perf_counter()
             fitted = job.settings.fit(source, method.family)
             seconds += time.perf_counter() - tic
@@ -233,7 +243,7 @@ def _fit_sequential(job: _Job, method: Method) -> _Fitted:
         job.reduce({interval: residual.stats[interval]})
         if mlp is not None:
             job.reduce({interval: mlp.stats[interval]})
-        source = mlp.stats[interval] if (method.statistics == "mlp" and mlp is not None) else residual.stats[interval]
+        source = _source(method, interval, residual, mlp)
         tic = time.perf_counter()
         assert method.family is not None
         fits[interval] = fitted = job.settings.fit(source, method.family)
@@ -257,14 +267,16 @@ def _build(job: _Job, method: Method, fitted: _Fitted, inplace: bool) -> Recover
     for interval in job.intervals:
         start, end = interval[0] - offset, interval[1] - offset
         remove_layers(target, range(start, end), adapter=job.adapter)
-        method.apply(target, job.adapter, Cut(start, end == current_layers), fitted.fits[interval], job.settings)
+        method.apply(target, job.adapter, Cut(start, end == current_layers), fitted.fits[interval],
+            job.settings)
         offset += end - start
         current_layers -= end - start
     if ghost_layout(target, adapter=job.adapter):
         # A model with ghost operators is a Ghostsolve<Base>ForCausalLM: its save_pretrained loads back.
         make_ghosted(target, layers_path=job.adapter.layers_path, final_norm_path=job.adapter.final_norm_path)
     return Recovery(
-        model=target, removed=job.removed, intervals=list(job.intervals), fits=fitted.fits, method=method.name,
+        model=target, removed=job.removed, intervals=list(job.intervals), fits=fitted.fits,
+        method=method.name,
         order=job.order, relative_residuals=fitted.relres, fit_seconds=fitted.fit_seconds,
         capture_seconds=fitted.capture_seconds, shared_capture=fitted.shared_capture,
     )  # fmt: skip
@@ -299,12 +311,14 @@ def iter_recoveries(
     order.
     """
     job = _plan(model, drop, methods, batches, order=order, ridge=ridge, solver=solver, rank=rank,
-                skip_first_token=skip_first_token, compute_dtype=compute_dtype, progress=progress, dtype=dtype,
+                skip_first_token=skip_first_token, compute_dtype=compute_dtype, progress=progress,
+                dtype=dtype,
                 product_dtype=product_dtype, capture=capture, device=device, distributed=distributed,
                 stats=stats)  # fmt: skip
     if inplace and (len(job.methods) > 1 or order == "sequential"):
         raise GhostsolveError(
-            "inplace=True needs the dense model only once: it works for a single method in 'independent' order; "
+            "inplace=True needs the dense model only once: it works for a single method in 'independent' "
+            "order; "
             "the sequential order keeps the dense model beside the pruned one, so pass inplace=False"
         )
     shared = [m for m in job.methods if m.family is not None and not job.sequential(m)]

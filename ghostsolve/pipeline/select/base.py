@@ -127,7 +127,7 @@ class Strategy:
 
 
 def argsort(scores: Sequence[float], *, descending: bool = False) -> list[int]:
-    """Indices of ``scores`` from best to worst; ties go to the lower index, so selections are deterministic."""
+    """Indices of ``scores`` from best to worst; ties go to the lower index (selections are deterministic)."""
     return sorted(range(len(scores)), key=lambda i: (-scores[i] if descending else scores[i], i))
 
 

@@ -20,7 +20,9 @@ def _cosines(
     return [sums.cos[p] / n for p in pairs], [sums.angle[p] / n for p in pairs], n
 
 
-def run_block_influence(ctx: SelectionContext, num_drop: int, *, skip_first_token: bool = False) -> RuleResult:
+def run_block_influence(
+    ctx: SelectionContext, num_drop: int, *, skip_first_token: bool = False
+) -> RuleResult:
     cos, _, n = _cosines(ctx, 1, skip_first_token=skip_first_token)
     scores = [1.0 - c for c in cos]
     return scores, sorted(argsort(scores)[:num_drop]), {"n_tokens": n}

@@ -62,7 +62,7 @@ def _candidate_residuals(
     """
     if normalize not in ("stream", "block"):
         raise GhostsolveError(
-            f"normalize must be 'stream' (error / stream energy) or 'block' (error / the block's own change), "
+            "normalize must be 'stream' (error / stream energy) or 'block' (error / the block's own change), "
             f"got {normalize!r}"
         )
     starts = list(range(ctx.num_layers - num_drop + 1))
@@ -112,8 +112,8 @@ def _ghost_recovered_ppl(
 
 
 def run_recoverable_ppl(
-    ctx: SelectionContext, num_drop: int, *, top_k: int = 3, skip_first_token: bool = False, ridge: float = 0.0,
-    max_stats_bytes: int = DEFAULT_MAX_STATS_BYTES, normalize: str = "stream",
+    ctx: SelectionContext, num_drop: int, *, top_k: int = 3, skip_first_token: bool = False,
+    ridge: float = 0.0, max_stats_bytes: int = DEFAULT_MAX_STATS_BYTES, normalize: str = "stream",
 ) -> RuleResult:  # fmt: skip
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise GhostsolveError(f"top_k must be a positive int, got {top_k!r}")

@@ -14,7 +14,11 @@ from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.model.batches import as_batches
 from ghostsolve.pipeline.select.base import Selection, SelectionContext, Strategy
 from ghostsolve.pipeline.select.cosine import run_angular, run_block_influence, run_streamline
-from ghostsolve.pipeline.select.recoverable import run_recoverable, run_recoverable_greedy, run_recoverable_ppl
+from ghostsolve.pipeline.select.recoverable import (
+    run_recoverable,
+    run_recoverable_greedy,
+    run_recoverable_ppl,
+)
 from ghostsolve.pipeline.select.removal import run_ppl, run_sleb
 from ghostsolve.pipeline.select.taylor import run_taylor
 
@@ -37,21 +41,25 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
                  "SLEB (Song et al., 2024)", run_sleb),
         Strategy("ppl", "layer", "calibration perplexity, layer removed alone", "lowest", (),
                  "Shortened LLaMA, PPL (Kim et al., 2024)", run_ppl),
-        Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest", ("keep_first", "keep_last"),
+        Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest", ("keep_first",
+            "keep_last"),
                  "Shortened LLaMA, Taylor+ (Kim et al., 2024)", run_taylor),
         Strategy("recoverable", "block", "ghost-fit residual / stream energy", "lowest", _RECOVERABLE_OPTIONS,
                  "ghostsolve", run_recoverable),
         Strategy("recoverable-ppl", "block", "calibration perplexity after ghost recovery", "lowest",
                  ("top_k", *_RECOVERABLE_OPTIONS), "ghostsolve", run_recoverable_ppl),
-        Strategy("recoverable-greedy", "layer", "calibration perplexity after ghost recovery (round 1)", "lowest",
-                 ("skip_first_token", "ridge"), "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
+        Strategy("recoverable-greedy", "layer", "calibration perplexity after ghost recovery (round 1)",
+            "lowest",
+                 ("skip_first_token", "ridge"),
+                 "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
                  run_recoverable_greedy),
     )
 })  # fmt: skip
 """Selection rules by name; see :mod:`ghostsolve.pipeline.select` for each score."""
 
 
-def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_drop: int, **options: Any) -> Selection:
+def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_drop: int,
+    **options: Any) -> Selection:
     """Choose ``num_drop`` decoder layers to remove with a named strategy.
 
     Parameters
@@ -92,7 +100,10 @@ def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_d
     [5, 6]
     """
     if strategy not in STRATEGIES:
-        raise GhostsolveError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise GhostsolveError(
+            f"unknown selection strategy {strategy!r}; choose one of "
+            f"{', '.join(STRATEGIES)}"
+        )
     spec = STRATEGIES[strategy]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.capture import capture_stats
-from ghostsolve.pipeline.capture import capture_stats_layerwise
+from ghostsolve.pipeline.capture import capture_stats, capture_stats_layerwise
 from ghostsolve.pipeline.model.operators import GhostOperator
 from ghostsolve.pipeline.model.surgery import insert_ghost
 from ghostsolve.stats import Stats

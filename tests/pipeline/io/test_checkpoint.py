@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 import ghostsolve
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.io.checkpoint import MODELING_FILE, atomic_directory, checkpoint_info, load, save
 from ghostsolve.pipeline.data import batches_from_windows, text_windows
-from ghostsolve.pipeline.recover import recover
+from ghostsolve.pipeline.io.checkpoint import MODELING_FILE, atomic_directory, checkpoint_info, load, save
 from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm
+from ghostsolve.pipeline.recover import recover
 from tests.pipeline._tiny import TEXT, tiny_llama, tiny_tokenizer
 
 IDS = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -61,7 +61,7 @@ def test_ghosted_round_trip_is_bit_identical(tmp_path, ghost_recovery, tok):
     assert torch.equal(_logits(loaded), expected)
 
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    assert type(remote).__name__ == "GhostsolveForCausalLM"
+    assert type(remote).__name__ == "GhostsolveLlamaForCausalLM"
     assert torch.equal(_logits(remote), expected)
     assert (out / MODELING_FILE).is_file()
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
@@ -73,11 +73,11 @@ def test_config_records_the_run(tmp_path, ghost_recovery):
     assert info is not None
     assert info["original_model"] == "tiny-llama"
     assert info["removed"] == [1, 2, 5]
-    assert info["intervals"] == [[1, 3], [5, 6]]
+    assert info["intervals"] == ["1-2", "5"]  # the layers, as --drop names them
     assert info["method"] == "ghost"
     assert info["original_num_layers"] == 6
     assert info["checkpoint_kind"] == "ghosted"
-    assert info["ghost_layout"] == [{"insert_at": 1, "dim": 32}, {"insert_at": "final_norm", "dim": 32}]
+    assert [(g["insert_at"], g["dim"]) for g in info["ghosts"]] == [(1, 32), ("final_norm", 32)]
     assert len(info["fits"]) == 2 and all(f["family"] == "full" for f in info["fits"])
     assert all(0 <= f["relative_residual"] <= 1 for f in info["fits"])
     config = json.loads((out / "config.json").read_text())
@@ -98,7 +98,14 @@ def test_remote_code_is_self_contained(tmp_path, ghost_recovery):
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert imported <= {"__future__", "typing", "torch", "transformers"}
+    # Beside the standard library: torch, transformers and the operators shipped beside it (ghostsolve itself
+    # is tried first, inside a try block, and needs not be installed: the subprocess below proves it).
+    assert imported - set(sys.stdlib_module_names) <= {"torch", "transformers", "ghostsolve",
+        "ghostsolve_operators"}
+    operators = ast.parse((out / "ghostsolve_operators.py").read_text())
+    assert {
+        n.module.split(".")[0] for n in ast.walk(operators) if isinstance(n, ast.ImportFrom) and n.module
+    } - set(sys.stdlib_module_names) <= {"torch", "ghostsolve"}
     # Load in a fresh interpreter where `import ghostsolve` fails, as for a user without ghostsolve.
     torch.save(_logits(ghost_recovery.model), tmp_path / "expected.pt")
     torch.save(IDS, tmp_path / "ids.pt")
@@ -241,9 +248,9 @@ def test_mis_shaped_operator_weight_fails_loudly(tmp_path, ghost_recovery):
 def test_operator_weights_without_a_layout_fail_loudly(tmp_path, ghost_recovery):
     out = save(ghost_recovery, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
-    config["ghostsolve"]["ghost_layout"] = []
+    config["ghostsolve"]["ghosts"] = []  # the operators' weights stay, their places are forgotten
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GhostsolveError, match="no ghost layout"):
+    with pytest.raises(GhostsolveError, match="unexpected weights"):
         load(out)
     config["model_type"] = "llama"
     del config["auto_map"]

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ghostsolve.pipeline.model.devices import model_input_device
 from ghostsolve.pipeline.evaluate import perplexity
+from ghostsolve.pipeline.model.devices import model_input_device
 
 VOCAB = 5
 

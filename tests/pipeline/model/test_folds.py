@@ -10,8 +10,8 @@ from torch import nn
 
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.model.folds import fold_prune_comp, fold_replaceme, untie_embeddings
-from ghostsolve.pipeline.recover import recover
 from ghostsolve.pipeline.model.surgery import remove_layers
+from ghostsolve.pipeline.recover import recover
 from tests.model_factories import random_batches, tiny_model
 
 PRE_NORM = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")

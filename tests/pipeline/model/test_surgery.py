@@ -13,7 +13,13 @@ from torch import nn
 
 from ghostsolve.adapters import get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm, GhostOperator, attach_ghost, ghost_of
+from ghostsolve.pipeline.model.operators import (
+    GhostedLayer,
+    GhostedNorm,
+    GhostOperator,
+    attach_ghost,
+    ghost_of,
+)
 from ghostsolve.pipeline.model.surgery import (
     FINAL_NORM,
     apply_ghost_layout,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm, GhostOperator
+from ghostsolve.pipeline.model.surgery import FINAL_NORM
 from ghostsolve.pipeline.recover import (
     FOLDED_METHODS,
     METHODS,
@@ -17,8 +19,6 @@ from ghostsolve.pipeline.recover import (
     recover,
     recover_all,
 )
-from ghostsolve.pipeline.model.operators import GhostedLayer, GhostedNorm, GhostOperator
-from ghostsolve.pipeline.model.surgery import FINAL_NORM
 from tests.model_factories import TINY_FAMILIES, random_batches, tiny_model
 
 IDS = torch.tensor([[1, 17, 42, 8, 9, 33], [1, 70, 3, 3, 12, 88]])
@@ -371,7 +371,8 @@ def test_layerwise_statistics_are_summed_across_ranks(order: str, monkeypatch: p
     # Without a distributed context no collective runs, even where a process group might exist.
     recover(tiny_model("llama"), [0, 2], BATCHES, **kwargs)
     assert reduced == []
-    two_ranks = DistributedContext(rank=0, world_size=2, local_rank=0, backend="gloo", device=torch.device("cpu"))
+    two_ranks = DistributedContext(rank=0, world_size=2, local_rank=0, backend="gloo",
+        device=torch.device("cpu"))
     recover(tiny_model("llama"), [0, 2], BATCHES, distributed=two_ranks, **kwargs)
     assert sorted(reduced) == [(0, 1), (2, 3)]
 

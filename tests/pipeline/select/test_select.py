@@ -1,8 +1,8 @@
 """Layer selection: every score against an independent reference computation, planted redundancy, errors.
 
 References are computed here without the module's hooks: hidden states come from Hugging Face's
-``output_hidden_states`` on a copy of the model whose final norm is replaced by the identity (so that the
-last entry is the final-norm *input*), removal from :func:`ghostsolve.pipeline.model.surgery.remove_layers`, the
+``output_hidden_states`` on a copy of the model whose final norm is replaced by the identity (so that the last
+entry is the final-norm *input*), removal from :func:`ghostsolve.pipeline.model.surgery.remove_layers`, the
 NLL from the model's own ``labels=`` loss, least squares from ``torch.linalg.lstsq`` on materialized rows.
 """
 
@@ -22,6 +22,7 @@ from torch import nn
 from ghostsolve import GhostsolveError
 from ghostsolve.adapters import get_adapter
 from ghostsolve.pipeline.data import batches_from_windows, sample_windows
+from ghostsolve.pipeline.model.surgery import remove_layers
 from ghostsolve.pipeline.select import STRATEGIES, Selection, select_layers
 from ghostsolve.pipeline.select.report import (
     format_selection,
@@ -29,7 +30,6 @@ from ghostsolve.pipeline.select.report import (
     run_select_command,
     write_selection_report,
 )
-from ghostsolve.pipeline.model.surgery import remove_layers
 from tests.model_factories import random_batches, tiny_model
 
 FAMILIES = ("llama", "qwen3", "olmo2")
@@ -352,7 +352,7 @@ def test_unknown_option() -> None:
 
 def test_empty_and_malformed_batches() -> None:
     model = tiny_model("llama")
-    with pytest.raises(GhostsolveError, match="no calibration batches were given"):
+    with pytest.raises(GhostsolveError, match="no calibration batches"):
         select_layers(model, [], "angular", 1)
     with pytest.raises(GhostsolveError, match=r"input_ids must be \(batch, tokens\), got shape \(12,\)"):
         select_layers(model, [torch.arange(12)], "angular", 1)
@@ -369,7 +369,7 @@ def test_fully_masked_batches() -> None:
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5)}
     with pytest.raises(GhostsolveError, match="contain no unmasked tokens"):
         select_layers(tiny_model("llama"), [batch], "block-influence", 1)
-    with pytest.raises(GhostsolveError, match="predict no tokens"):
+    with pytest.raises(GhostsolveError, match="no token was predicted"):
         select_layers(tiny_model("llama"), [batch], "ppl", 1)
 
 
