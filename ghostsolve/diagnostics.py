@@ -88,6 +88,40 @@ def _stats_of(X_or_stats: Any, Y: Any = None) -> Stats:
     return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False)
 
 
+def _precision_advice(kappa: float) -> tuple[torch.dtype, list[str]]:
+    """The working precision ``diagnose`` recommends for ``cond(XᵀX + λI) = kappa``, with its reason."""
+    safe32 = kappa_safe(torch.float32)
+    if kappa <= safe32:
+        return torch.float32, ["well conditioned: float32 with any solver is safe"]
+    if math.sqrt(kappa) <= safe32:
+        return torch.float32, [
+            f"float32 is safe only with solver='qr' (cond(X) ≈ {math.sqrt(kappa):.2g}); cholesky in float32 "
+            f"works on cond(XᵀX) ≈ {kappa:.2g} > {safe32:.2g}"
+        ]
+    return torch.float64, [
+        f"use float64: even cond(X) ≈ {math.sqrt(kappa):.2g} exceeds the float32 limit {safe32:.2g}"
+    ]
+
+
+def _data_notes(stats: Stats, ridge: float, eff: int, ratio: float) -> list[str]:
+    """Advice on the amount of data, its rank and its outlier channels."""
+    d = stats.dim
+    notes = []
+    if stats.n_rows < d and ridge == 0:
+        notes.append(
+            f"fewer rows ({stats.n_rows:g}) than d={d}: use solver='svd' (minimum norm) or ridge>0, "
+            "or collect more calibration tokens"
+        )
+    elif eff < d:
+        notes.append(f"X is numerically rank-deficient ({eff} of {d}); solver='svd' or ridge>0 is advisable")
+    if ratio > 100:
+        notes.append(
+            f"outlier channels: the largest channel RMS is {ratio:.3g}× the median; they dominate XᵀX "
+            "and raise its condition number"
+        )
+    return notes
+
+
 def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnostics:
     """Conditioning report with a recommended solver and precision.
 
@@ -130,34 +164,9 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     med = float(rms.median())
     ratio = float(rms.max()) / med if med > 0 else math.inf
     choice = choose_solver(stats, dtype=torch.float64, ridge=ridge, raw_data=True)
+    dtype, notes = _precision_advice(kappa)
+    notes += _data_notes(stats, ridge, eff, ratio)
     safe32 = kappa_safe(torch.float32)
-    notes: list[str] = []
-    if kappa <= safe32:
-        dtype = torch.float32
-        notes.append("well conditioned: float32 with any solver is safe")
-    elif math.sqrt(kappa) <= safe32:
-        dtype = torch.float32
-        notes.append(
-            f"float32 is safe only with solver='qr' (cond(X) ≈ {math.sqrt(kappa):.2g}); cholesky in float32 "
-            f"works on cond(XᵀX) ≈ {kappa:.2g} > {safe32:.2g}"
-        )
-    else:
-        dtype = torch.float64
-        notes.append(
-            f"use float64: even cond(X) ≈ {math.sqrt(kappa):.2g} exceeds the float32 limit {safe32:.2g}"
-        )
-    if stats.n_rows < d and ridge == 0:
-        notes.append(
-            f"fewer rows ({stats.n_rows:g}) than d={d}: use solver='svd' (minimum norm) or ridge>0, "
-            "or collect more calibration tokens"
-        )
-    elif eff < d:
-        notes.append(f"X is numerically rank-deficient ({eff} of {d}); solver='svd' or ridge>0 is advisable")
-    if ratio > 100:
-        notes.append(
-            f"outlier channels: the largest channel RMS is {ratio:.3g}× the median; they dominate XᵀX "
-            "and raise its condition number"
-        )
     fast_ok = kappa <= safe32
     notes.append(
         "fast mode (Stats(product_dtype=torch.float32)) is "

@@ -36,7 +36,7 @@ import torch
 
 from .errors import GhostsolveError
 from .hadamard import apply_hadamard, hadamard_matrix
-from .solvers import Problem, Solution, eig_decompose, rank_cutoff, solve
+from .solvers import Problem, Solution, eig_decompose, rank_cutoff, solve, split_r
 from .stats import Stats
 
 __all__ = ["CLOSED_FORM", "FAMILIES", "FamilyResult", "solve_family"]
@@ -54,15 +54,7 @@ FAMILIES: tuple[str, ...] = (
     "full",
 )
 # Families whose optimum is a formula in the statistics: no solver is involved.
-CLOSED_FORM = (
-    "identity",
-    "scalar",
-    "scalar-magnitude",
-    "diagonal",
-    "diagonal-magnitude",
-    "hadamard",
-    "hadamard-magnitude",
-)
+CLOSED_FORM = tuple(f for f in FAMILIES if f not in ("lowrank", "symmetric", "full"))
 MAGNITUDE = ("scalar-magnitude", "diagonal-magnitude", "hadamard-magnitude")
 
 
@@ -170,9 +162,7 @@ def _symmetric(p: Problem, solver: str) -> FamilyResult:
     if solver in ("svd", "qr") and p.R is not None:
         # eigenpairs of G + λI from the SVD of the (ridge-augmented) R: eigenvalues to eps · s_max², not
         # eps · ‖G‖, so small ones stay resolved
-        from .solvers import _split_r
-
-        R11, _ = _split_r(p)
+        R11, _ = split_r(p)
         _, s, Vh = torch.linalg.svd(R11, full_matrices=True)
         e = torch.zeros(d, dtype=p.dtype, device=s.device)
         e[: s.numel()] = s**2

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import GhostsolveError
+from .errors import GhostsolveError, NonFiniteInputError
 from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family
 from .solvers import (
     SOLVERS,
@@ -28,7 +28,7 @@ from .solvers import (
     make_problem,
     rank_cutoff,
 )
-from .stats import Stats, _check_dtype, as_tensor
+from .stats import Stats, as_tensor, check_dtype, check_finite
 
 __all__ = ["Fit", "FitDiagnostics", "fit", "ridge_path"]
 
@@ -264,7 +264,7 @@ def _validate(family: str, solver: str, ridge: float, dtype: torch.dtype, rank: 
         raise GhostsolveError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
     if solver not in SOLVERS:
         raise GhostsolveError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
-    _check_dtype(dtype, "dtype")
+    check_dtype(dtype, "dtype")
     if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
         raise GhostsolveError(
             f"ridge must be a finite number ≥ 0 (relative to mean(diag(XᵀX))), got {ridge!r}; try 0 or 1e-4"
@@ -318,9 +318,8 @@ def accumulate(
         for start in range(0, X2.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
             stats.update(X2[sl], Y2[sl], None if w is None else w[sl])
-    except GhostsolveError as exc:
-        if "non-finite" in str(exc):
-            Stats._check_finite(X2, Y2)  # re-raise with row numbers counted over all of X, not the chunk
+    except NonFiniteInputError:
+        check_finite(X2, Y2)  # re-raise with row numbers counted over all of X, not the chunk
         raise
     return stats
 

@@ -58,6 +58,7 @@ __all__ = [
     "make_problem",
     "rank_cutoff",
     "solve",
+    "split_r",
 ]
 
 SOLVERS: tuple[str, ...] = ("auto", "cholesky", "qr", "svd", "eigh")
@@ -387,7 +388,7 @@ def _cholesky(p: Problem, warn: bool = True) -> Solution:
     return Solution(sol.M, f"cholesky→{sol.solver}", sol.notes, sol.eigenvalues, sol.rank)
 
 
-def _split_r(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def split_r(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R₁₁, R₁₂)`` of the (ridge-augmented) TSQR factor, each with ``min(k, d)`` rows."""
     assert p.R is not None
     d = p.d
@@ -401,7 +402,7 @@ def _split_r(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _qr(p: Problem) -> Solution:
-    R11, R12 = _split_r(p)
+    R11, R12 = split_r(p)
     d = p.d
     diag = R11.diagonal().abs() if R11.shape[0] == d else torch.zeros(1, dtype=R11.dtype)
     if R11.shape[0] < d or float(diag.min()) <= rank_cutoff(d, p.dtype, from_gram=False) * float(diag.max()):
@@ -415,7 +416,7 @@ def _qr(p: Problem) -> Solution:
 
 
 def _svd_r(p: Problem) -> Solution:
-    R11, R12 = _split_r(p)
+    R11, R12 = split_r(p)
     d = p.d
     U, s, Vh = torch.linalg.svd(R11, full_matrices=False)
     keep = s > rank_cutoff(d, p.dtype, from_gram=False) * s.max() if s.numel() else s > 0

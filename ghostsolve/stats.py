@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GhostsolveError
+from .errors import GhostsolveError, NonFiniteInputError
 from .hadamard import apply_hadamard, hadamard_supported
 
-__all__ = ["Stats", "as_tensor"]
+__all__ = ["Stats", "as_tensor", "check_dtype", "check_finite"]
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Buffers that are plain sums; the TSQR factor is not, see ``Stats.tensors``.
@@ -46,7 +46,8 @@ def as_tensor(a: Any, name: str) -> torch.Tensor:
     return a
 
 
-def _check_dtype(dtype: torch.dtype, name: str) -> None:
+def check_dtype(dtype: torch.dtype, name: str) -> None:
+    """Raise :class:`GhostsolveError` unless ``dtype`` is a working precision (float64 or float32)."""
     if dtype not in (torch.float32, torch.float64):
         raise GhostsolveError(
             f"{name}={dtype} is not supported; use torch.float64 (default) or torch.float32"
@@ -106,7 +107,7 @@ class Stats:
     ) -> None:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise GhostsolveError(f"dim must be a positive int (the hidden size), got {dim!r}")
-        _check_dtype(dtype, "dtype")
+        check_dtype(dtype, "dtype")
         if product_dtype is not None and product_dtype not in _FLOATS:
             raise GhostsolveError(f"product_dtype={product_dtype} is not a floating-point dtype")
         self.dim = dim
@@ -218,21 +219,6 @@ class Stats:
                 getattr(self, name).add_(value)
         return self
 
-    @staticmethod
-    def _check_finite(X: torch.Tensor, Y: torch.Tensor) -> None:
-        if bool(torch.isfinite(X).all()) and bool(torch.isfinite(Y).all()):
-            return
-        bad = ~(torch.isfinite(X).all(dim=-1) & torch.isfinite(Y).all(dim=-1))
-        idx = torch.nonzero(bad).flatten()
-        which = "X" if not bool(torch.isfinite(X[idx[0]]).all()) else "Y"
-        raise GhostsolveError(
-            f"non-finite values (NaN/Inf) in {int(idx.numel())} of {X.shape[0]} rows of this chunk; "
-            "first bad "
-            f"row {int(idx[0])} (in {which}, dtype {X.dtype}). fp16/bf16 overflow in the calibration pass? "
-            "Capture the hidden states in fp32 (or upcast bf16→fp32 before the residual add), "
-            "or drop the rows"
-        )
-
     def _chunk(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> dict[str, torch.Tensor]:
         d = self.dim
         pd = self.product_dtype
@@ -275,7 +261,7 @@ class Stats:
         # cannot overflow: one reduction tests everything; the row-by-row test runs only on failure.
         total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
         if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
-            self._check_finite(X, Y)  # raises, naming the rows, when the input is to blame
+            check_finite(X, Y)  # raises, naming the rows, when the input is to blame
             raise GhostsolveError(
                 f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} although the inputs are "
                 "finite; use product_dtype=torch.float32 or torch.float64"
@@ -299,16 +285,14 @@ class Stats:
             raise GhostsolveError(
                 f"cannot merge Stats of dim {self.dim} and {other.dim}; both need one hidden size"
             )
-        if other.magnitudes != self.magnitudes:
-            raise GhostsolveError(
-                f"cannot merge Stats with magnitudes={self.magnitudes} and magnitudes={other.magnitudes}; "
-                "build both with the same setting"
-            )
-        if other.qr != self.qr:
-            raise GhostsolveError(
-                f"cannot merge Stats with qr={self.qr} and qr={other.qr}: the TSQR factor would be lost; "
-                "build both with the same qr setting"
-            )
+        why = {"magnitudes": "", "qr": ": the TSQR factor would be lost"}
+        for name, reason in why.items():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise GhostsolveError(
+                    f"cannot merge Stats with {name}={mine} and {name}={theirs}{reason}; "
+                    f"build both with the same {name} setting"
+                )
 
     def merge(self, other: Stats) -> Stats:
         """A new :class:`Stats` holding the rows of both (neither input changes).
@@ -423,6 +407,30 @@ class Stats:
                 )
             setattr(out, name, value.to(dtype=dtype, device=out.device).clone())
         return out
+
+
+def check_finite(X: torch.Tensor, Y: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteInputError` naming the bad rows when ``X`` or ``Y`` (``(n, d)``) holds NaN/Inf.
+
+    Rows are counted within the tensors given, so a caller that feeds chunks can call it again on the
+    whole input to report positions over all rows.
+    """
+    if bool(torch.isfinite(X).all()) and bool(torch.isfinite(Y).all()):
+        return
+    bad = ~(torch.isfinite(X).all(dim=-1) & torch.isfinite(Y).all(dim=-1))
+    idx = torch.nonzero(bad).flatten()
+    first = int(idx[0])
+    which = "X" if not bool(torch.isfinite(X[first]).all()) else "Y"
+    raise NonFiniteInputError(
+        f"non-finite values (NaN/Inf) in {int(idx.numel())} of {X.shape[0]} rows of this chunk; "
+        f"first bad row {first} (in {which}, dtype {X.dtype}). fp16/bf16 overflow in the calibration pass? "
+        "Capture the hidden states in fp32 (or upcast bf16→fp32 before the residual add), "
+        "or drop the rows",
+        bad_rows=int(idx.numel()),
+        n_rows=int(X.shape[0]),
+        first_row=first,
+        where=which,
+    )
 
 
 def _gram_products(Z: torch.Tensor, d: int) -> torch.Tensor:

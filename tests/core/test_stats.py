@@ -265,3 +265,19 @@ def test_nonfinite_rows_named_without_magnitudes() -> None:
     X[5, 2] = float("-inf")
     with pytest.raises(GhostsolveError, match=r"1 of 20 rows.*first bad row 5 \(in X"):
         Stats(4, magnitudes=False).update(X, case.Y)
+
+
+def test_nonfinite_rows_counted_over_the_whole_input() -> None:
+    """fit(X, Y) feeds chunks; the error names the row within all of X (a structured exception, not text)."""
+    from ghostsolve.errors import NonFiniteInputError
+    from ghostsolve.fit import accumulate
+
+    case = make_case(13, 20, 4)
+    Y = case.Y.clone()
+    Y[13, 1] = float("nan")
+    Y[17, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match=r"2 of 20 rows.*first bad row 13 \(in Y") as info:
+        accumulate(case.X, Y, chunk_rows=8)
+    err = info.value
+    assert (err.bad_rows, err.n_rows, err.first_row, err.where) == (2, 20, 13, "Y")
+    assert isinstance(info.value, GhostsolveError)
