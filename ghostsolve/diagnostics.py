@@ -12,7 +12,7 @@ import torch
 
 from .errors import GhostsolveError, IllConditionedWarning
 from .families import MAGNITUDE
-from .solvers import SOLVERS, choose_solver, kappa_safe, rank_cutoff, relative_lambda
+from .solvers import SOLVERS, check_ridge, choose_solver, kappa_safe, rank_cutoff, relative_lambda
 from .stats import Stats
 
 __all__ = ["Diagnostics", "PrecisionRow", "PrecisionTable", "compare_precisions", "diagnose"]
@@ -40,7 +40,7 @@ class Diagnostics:
         Largest channel RMS over the median channel RMS: ≫ 1 flags outlier channels, the usual cause of
         ill-conditioning in LLM activations.
     recommended_solver : str
-        What ``solver="auto"`` picks in float64 with the raw rows available.
+        What ``solver="auto"`` picks in ``recommended_dtype`` with the raw rows available.
     recommended_dtype : torch.dtype
         float32 when ``qr`` (or cholesky) is safe in float32 (:func:`ghostsolve.solvers.kappa_safe`),
         else float64.
@@ -149,7 +149,9 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     Computes the full eigendecomposition of ``XᵀX`` in float64: ``O(d³)``, seconds for ``d`` in the
     thousands.
     """
+    ridge = check_ridge(ridge)
     stats = _stats_of(X_or_stats, Y)
+    stats.check_statistics()
     if stats.n_rows <= 0:
         raise GhostsolveError("the statistics hold no rows (n_rows=0); nothing to diagnose")
     d = stats.dim
@@ -163,8 +165,9 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     rms = torch.diagonal(stats.xtx).double().clamp_min(0).sqrt()
     med = float(rms.median())
     ratio = float(rms.max()) / med if med > 0 else math.inf
-    choice = choose_solver(stats, dtype=torch.float64, ridge=ridge, raw_data=True)
     dtype, notes = _precision_advice(kappa)
+    # the solver for the recommended dtype, so that the header and the notes give one consistent advice
+    choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=True)
     notes += _data_notes(stats, ridge, eff, ratio)
     safe32 = kappa_safe(torch.float32)
     fast_ok = kappa <= safe32
@@ -194,7 +197,8 @@ class PrecisionRow:
 
     ``objective_gap`` is ``(f(M) − f(M_ref)) / f(M_ref)`` with ``f`` evaluated in float64 on the
     reference statistics (negative values are rounding); ``normal_equation_residual`` is
-    ``‖(XᵀX+λI)M − Xᵀ(Y−X)‖ / ‖XᵀY‖`` in float64; ``seconds`` covers statistics and solve.
+    ``‖(XᵀX+λI)M − Xᵀ(Y−X)‖ / ‖XᵀY‖`` in float64; ``seconds`` covers the statistics of the row's
+    precision (built once per precision and shared by its solvers) and the solve.
     """
 
     solver: str
@@ -245,6 +249,39 @@ class PrecisionTable:
         return out
 
 
+def _precision_row(
+    stats: Stats,
+    ref_stats: Stats,
+    ref: Any,
+    solver: str,
+    dtype: torch.dtype,
+    family: str,
+    ridge: float,
+    shared_seconds: float,
+) -> PrecisionRow:
+    """One solver in one precision, measured on the float64 reference statistics."""
+    from .fit import fit
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IllConditionedWarning)
+            f = fit(stats, family=family, solver=solver, ridge=ridge, dtype=dtype)
+    except GhostsolveError as exc:
+        seconds = shared_seconds + time.perf_counter() - t0
+        return PrecisionRow(solver, dtype, "-", math.nan, math.nan, seconds, False, str(exc))
+    seconds = shared_seconds + time.perf_counter() - t0
+    M = f.delta.double().to(ref_stats.device)
+    obj = f.objective_on(ref_stats)
+    gap = (obj - ref.objective) / ref.objective if ref.objective > 0 else obj
+    res = float(torch.linalg.matrix_norm(ref_stats.xtx @ M + ref.lam * M - ref_stats.xtd))
+    xty_norm = float(torch.linalg.matrix_norm(ref_stats.xty))
+    warned = any(issubclass(w.category, IllConditionedWarning) for w in caught)
+    return PrecisionRow(
+        solver, dtype, f.solver, gap, res / xty_norm if xty_norm > 0 else res, seconds, warned
+    )
+
+
 def compare_precisions(
     X: Any,
     Y: Any,
@@ -285,39 +322,27 @@ def compare_precisions(
     for s in solvers:
         if s not in SOLVERS:
             raise GhostsolveError(f"unknown solver {s!r}; valid solvers: {', '.join(SOLVERS)}")
-    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, magnitudes=family in MAGNITUDE)
+    magnitudes = family in MAGNITUDE
+    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, magnitudes=magnitudes)
     ref = fit(ref_stats, family=family, solver="svd", ridge=ridge)
     ref_obj = ref.objective
-    G = ref_stats.xtx
-    B = ref_stats.xtd
-    xty_norm = float(torch.linalg.matrix_norm(ref_stats.xty))
     rows = []
     for dtype in (torch.float32, torch.float64):
+        built: dict[bool, tuple[Stats | str, float]] = {}
         for s in solvers:
-            t0 = time.perf_counter()
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", IllConditionedWarning)
-                    f = fit(X, Y, family=family, solver=s, ridge=ridge, dtype=dtype, weights=weights)
-            except GhostsolveError as exc:
-                rows.append(
-                    PrecisionRow(s, dtype, "-", math.nan, math.nan, time.perf_counter() - t0, False, str(exc))
-                )
-                continue
-            seconds = time.perf_counter() - t0
-            M = f.delta.double().to(G.device)
-            obj = f.objective_on(ref_stats)
-            gap = (obj - ref_obj) / ref_obj if ref_obj > 0 else obj
-            res = float(torch.linalg.matrix_norm(G @ M + ref.lam * M - B))
-            rows.append(
-                PrecisionRow(
-                    s,
-                    dtype,
-                    f.solver,
-                    gap,
-                    res / xty_norm if xty_norm > 0 else res,
-                    seconds,
-                    any(issubclass(w.category, IllConditionedWarning) for w in caught),
-                )
-            )
+            # statistics of this precision (sums and products), shared by its solvers; with the TSQR
+            # factor only for the solvers that use it, as fit(X, Y, solver=s) would build them
+            qr = s in ("qr", "svd", "auto")
+            if qr not in built:
+                t0 = time.perf_counter()
+                try:
+                    made: Stats | str = accumulate(X, Y, weights, dtype=dtype, qr=qr, magnitudes=magnitudes)
+                except GhostsolveError as exc:
+                    made = str(exc)
+                built[qr] = (made, time.perf_counter() - t0)
+            stats, shared = built[qr]
+            if isinstance(stats, str):
+                rows.append(PrecisionRow(s, dtype, "-", math.nan, math.nan, shared, False, stats))
+            else:
+                rows.append(_precision_row(stats, ref_stats, ref, s, dtype, family, ridge, shared))
     return PrecisionTable(tuple(rows), ref_obj, family, float(ridge))

@@ -39,19 +39,22 @@ Regularization and rank policy (one place: :func:`rank_cutoff`)
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .errors import GhostsolveError, IllConditionedWarning, NumericalError
-from .stats import Stats
+from .errors import GhostsolveError, IllConditionedWarning
+from .stats import Stats, check_dtype, require_finite
 
 __all__ = [
     "SOLVERS",
     "Problem",
     "Solution",
     "SolverChoice",
+    "check_ridge",
     "choose_solver",
     "estimate_condition",
     "kappa_safe",
@@ -154,6 +157,26 @@ class SolverChoice:
 
     def __str__(self) -> str:
         return f"{self.solver}: {self.reason}"
+
+
+def check_ridge(ridge: Any) -> float:
+    """``ridge`` as a float ≥ 0 (any real number type: Python, numpy, a one-element tensor).
+
+    Raises
+    ------
+    GhostsolveError
+        A bool, a non-number, or a negative or non-finite value.
+    """
+    if isinstance(ridge, bool):
+        raise GhostsolveError(f"ridge={ridge} is a bool; pass a number ≥ 0 (e.g. 1e-4), 'cv' or 'gcv'")
+    if isinstance(ridge, torch.Tensor) and ridge.numel() == 1 and not ridge.is_complex():
+        ridge = float(ridge)
+    if not isinstance(ridge, numbers.Real) or not math.isfinite(float(ridge)) or float(ridge) < 0:
+        raise GhostsolveError(
+            "ridge must be a number ≥ 0, 'cv' or 'gcv' (a ridge relative to mean(diag(XᵀX))), "
+            f"got {ridge!r}; try 0 or 1e-4"
+        )
+    return float(ridge)
 
 
 def relative_lambda(G: torch.Tensor, ridge: float) -> float:
@@ -265,6 +288,9 @@ def choose_solver(
     raw_data : bool
         Whether the rows themselves are at hand (so a TSQR pass is possible).
     """
+    check_dtype(dtype, "dtype")
+    ridge = check_ridge(ridge)
+    stats.check_statistics()
     d = stats.dim
     if ridge == 0 and stats.n_rows < d:
         return SolverChoice(
@@ -335,11 +361,7 @@ def solve(problem: Problem, solver: str, *, checked: bool = False) -> Solution:
     NumericalError
         Non-finite statistics or a failure of the fallback solver.
     """
-    if not (all_finite(problem.G) and all_finite(problem.B)):
-        raise NumericalError(
-            "the statistics XᵀX or Xᵀ(Y−X) contain NaN/Inf (overflow in a float32 accumulation?); "
-            "accumulate in float64 (Stats(dtype=torch.float64))"
-        )
+    require_finite({"xtx": problem.G, "xtd": problem.B})
     if solver == "cholesky":
         return _cholesky(problem, warn=not checked)
     if solver == "qr":

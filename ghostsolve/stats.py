@@ -16,26 +16,66 @@ the condition number of ``X``.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import GhostsolveError, NonFiniteInputError
+from .errors import GhostsolveError, NonFiniteInputError, NumericalError
 from .hadamard import apply_hadamard, hadamard_supported
 
-__all__ = ["Stats", "as_tensor", "check_dtype", "check_finite"]
+__all__ = [
+    "Stats",
+    "as_rows",
+    "as_tensor",
+    "as_weights",
+    "check_dtype",
+    "check_finite",
+    "require_finite",
+    "resolve_device",
+]
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Buffers that are plain sums; the TSQR factor is not, see ``Stats.tensors``.
 _SUMMED = ("count", "xtx", "xtd", "yty", "dtd", "x_abs_sum", "y_abs_sum", "xh_abs_sum", "yh_abs_sum")
 
 
+_NUMPY_FLOATS = (np.float64, np.float32, np.float16)
+
+
+def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    if a.dtype.type not in _NUMPY_FLOATS:
+        raise GhostsolveError(
+            f"{name} has numpy dtype {a.dtype}; pass float64, float32 or float16 data "
+            f"(e.g. {name}.astype(np.float64))"
+        )
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))  # torch reads native byte order only
+    if any(st < 0 for st in a.strides):
+        a = np.array(a, order="C", copy=True)  # torch refuses negative strides; the caller's array is kept
+    with warnings.catch_warnings():
+        # torch warns that a read-only array could be written through the tensor; ghostsolve never writes
+        # into its inputs, so the warning would only be noise
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def as_tensor(a: Any, name: str) -> torch.Tensor:
-    """``a`` as a float tensor without copying (numpy arrays accepted); raise on non-float input."""
+    """``a`` as a float tensor outside any autograd graph, without copying where possible.
+
+    numpy arrays are accepted in any layout (negative strides, either byte order, read-only); a tensor
+    that requires grad is detached, so statistics never build a graph.
+
+    Raises
+    ------
+    GhostsolveError
+        When ``a`` is neither a tensor nor an array, or not real floating point.
+    """
     if isinstance(a, np.ndarray):
-        a = torch.from_numpy(a)
+        a = _from_numpy(a, name)
     if not isinstance(a, torch.Tensor):
         raise GhostsolveError(f"{name} must be a torch.Tensor or numpy array, got {type(a).__name__}")
     if a.dtype not in _FLOATS:
@@ -43,7 +83,81 @@ def as_tensor(a: Any, name: str) -> torch.Tensor:
             f"{name} has dtype {a.dtype}; pass real floating-point data "
             "(float64, float32, float16 or bfloat16)"
         )
-    return a
+    return a.detach()
+
+
+def as_rows(a: Any, name: str) -> torch.Tensor:
+    """:func:`as_tensor` for row data: at least 2-D ``(..., d)``; 0-D and 1-D input are refused."""
+    t = as_tensor(a, name)
+    if t.dim() == 0:
+        raise GhostsolveError(f"{name} is 0-D (a scalar); pass rows as (n_tokens, hidden_size)")
+    if t.dim() == 1:
+        raise GhostsolveError(
+            f"{name} is 1-D {tuple(t.shape)}; pass rows as (n_tokens, {t.shape[0]}), "
+            f"e.g. {name}.reshape(1, -1) for a single row"
+        )
+    return t
+
+
+def as_weights(weights: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Row weights for rows ``X`` of ``shape`` ``(..., d)``, flattened to ``(n,)`` on ``device``.
+
+    Boolean and integer masks are read as 0/1 (or integer multiplicity) weights.
+
+    Raises
+    ------
+    GhostsolveError
+        Wrong shape, or a weight that is negative or not finite (the count and the first one are named).
+    """
+    if isinstance(weights, np.ndarray) and weights.dtype.kind in "biu":
+        weights = weights.astype(np.float64)
+    if isinstance(weights, torch.Tensor) and (weights.dtype == torch.bool or not weights.is_floating_point()):
+        if not weights.is_complex():
+            weights = weights.detach().to(torch.float64)
+    w = as_tensor(weights, "weights")
+    lead = tuple(shape[:-1])
+    n = math.prod(lead)
+    if tuple(w.shape) not in (lead, (n,)):
+        raise GhostsolveError(
+            f"weights is {tuple(w.shape)} but X is {tuple(shape)}; weights must be {lead} "
+            "(one nonnegative weight per row)"
+        )
+    w = w.reshape(n).to(device=device)
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        raise GhostsolveError(
+            "weights must be finite and nonnegative (e.g. a 0/1 padding mask): "
+            f"{int(bad.sum())} of {n} weights are not finite and ≥ 0; first at row {first}: "
+            f"{float(w[first]):g}"
+        )
+    return w
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists here (default CPU).
+
+    Raises
+    ------
+    GhostsolveError
+        A string that names no device, or a device this torch build or machine does not have.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise GhostsolveError(
+            f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:0' ({exc})"
+        ) from exc
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise GhostsolveError(
+            f"device={str(device)!r} is not available here (torch.cuda.is_available() is "
+            f"{torch.cuda.is_available()}); use device='cpu' or None"
+        ) from exc
+    return dev
 
 
 def check_dtype(dtype: torch.dtype, name: str) -> None:
@@ -105,6 +219,8 @@ class Stats:
         product_dtype: torch.dtype | None = None,
         magnitudes: bool = True,
     ) -> None:
+        if isinstance(dim, numbers.Integral) and not isinstance(dim, bool):
+            dim = int(dim)
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise GhostsolveError(f"dim must be a positive int (the hidden size), got {dim!r}")
         check_dtype(dtype, "dtype")
@@ -112,7 +228,7 @@ class Stats:
             raise GhostsolveError(f"product_dtype={product_dtype} is not a floating-point dtype")
         self.dim = dim
         self.dtype = dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self.qr = bool(qr)
         self.magnitudes = bool(magnitudes)
         self.product_dtype = product_dtype if product_dtype is not None else dtype
@@ -151,6 +267,16 @@ class Stats:
             f"qr={self.qr}, product_dtype={self.product_dtype}, magnitudes={self.magnitudes})"
         )
 
+    def check_statistics(self) -> None:
+        """Raise :class:`NumericalError` when a buffer holds NaN/Inf (e.g. a corrupted state dict).
+
+        Rows are checked on entry (:meth:`update`), so this only fires for statistics built elsewhere:
+        :meth:`from_state_dict`, in-place edits, or an all-reduce that overflowed.
+        """
+        require_finite(
+            {**self.tensors(), **({"r_factor": self.r_factor} if self.r_factor is not None else {})}
+        )
+
     # ------------------------------------------------------------------ accumulation
     def update(self, X: Any, Y: Any, weights: Any = None) -> Stats:
         """Add a chunk of rows.
@@ -174,10 +300,24 @@ class Stats:
             or non-finite weights; products that overflow in a half-precision ``product_dtype``. On any
             error the statistics are left unchanged.
         """
-        X = as_tensor(X, "X")
-        Y = as_tensor(Y, "Y")
+        X2, Y2, w = self._rows(X, Y, weights)
+        if X2.shape[0] == 0:
+            return self
+        contrib = self._chunk(X2, Y2, w)
+        # All contributions were computed before this point, so a failure above leaves self unchanged.
+        for name, value in contrib.items():
+            if name == "r_factor":
+                self.r_factor = value
+            else:
+                getattr(self, name).add_(value)
+        return self
+
+    def _rows(self, X: Any, Y: Any, weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validated ``(n, d)`` views of ``X`` and ``Y`` and the ``(n,)`` weights (or None)."""
+        X = as_rows(X, "X")
+        Y = as_rows(Y, "Y")
         d = self.dim
-        if X.shape[-1:] != (d,) or X.dim() < 1:
+        if X.shape[-1] != d:
             raise GhostsolveError(
                 f"X is {tuple(X.shape)} but these Stats have dim={d}; X must be (n_tokens, {d})"
             )
@@ -191,57 +331,90 @@ class Stats:
             )
         if Y.device != X.device:
             raise GhostsolveError(f"X is on {X.device} but Y is on {Y.device}; put both on one device")
-        X2 = X.reshape(-1, d)
-        Y2 = Y.reshape(-1, d)
-        n = X2.shape[0]
-        w = None
-        if weights is not None:
-            w = as_tensor(weights, "weights")
-            if tuple(w.shape) not in (tuple(X.shape[:-1]), (n,)):
-                raise GhostsolveError(
-                    f"weights is {tuple(w.shape)} but X is {tuple(X.shape)}; weights must be "
-                    f"{tuple(X.shape[:-1])} (one nonnegative weight per row)"
-                )
-            w = w.reshape(n).to(device=X.device)
-            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-                raise GhostsolveError(
-                    "weights must be finite and nonnegative (e.g. a 0/1 padding mask); "
-                    f"min seen {float(w.min()):g}"
-                )
-        if n == 0:
-            return self
-        contrib = self._chunk(X2, Y2, w)
-        # All contributions were computed before this point, so a failure above leaves self unchanged.
-        for name, value in contrib.items():
-            if name == "r_factor":
-                self.r_factor = value
-            else:
-                getattr(self, name).add_(value)
-        return self
+        w = None if weights is None else as_weights(weights, tuple(X.shape), X.device)
+        return X.reshape(-1, d), Y.reshape(-1, d), w
 
     def _chunk(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> dict[str, torch.Tensor]:
         d = self.dim
         pd = self.product_dtype
-        n = X.shape[0]
-        Z = torch.empty(n, 2 * d, dtype=pd, device=X.device)
-        Xp, Dp = Z[:, :d], Z[:, d:]
-        Xp.copy_(X)
-        Dp.copy_(Y)
-        Dp.sub_(Xp)
-        wp = None if w is None else w.to(pd)
-        out: dict[str, torch.Tensor] = {}
+        shift = self._shift(X, Y, w)
+        Z = _scaled_rows(X, Y, w, pd, shift)
+        out = self._magnitude_parts(X, Y, w)
+        out["count"] = (w.sum() if w is not None else torch.tensor(float(X.shape[0]))).to(self.dtype)
+        dtd = torch.linalg.vector_norm(Z[:, d:], dtype=torch.promote_types(pd, torch.float32)).square()
+        P = _gram_products(Z, d)
+        # X and Y are finite (checked in _shift) and scaled so that |entries| < 2: only a sum over more
+        # rows than a half precision can count overflows, and one reduction detects it.
+        total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
+        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
+            wider = [t for t in (torch.float32, torch.float64) if torch.finfo(t).max > torch.finfo(pd).max]
+            raise GhostsolveError(
+                f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} over {X.shape[0]} rows; "
+                f"use product_dtype={' or '.join(str(t) for t in wider) or 'torch.float64'}, "
+                "or feed smaller chunks"
+            )
+        P = _times_pow2(P.to(dtype=self.dtype, device=self.device), -2 * shift)
+        out["xtx"] = P[:, :d]
+        out["xtd"] = P[:, d:]
+        out["dtd"] = _times_pow2(dtd.to(dtype=self.dtype, device=self.device), -2 * shift)
+        # Σ‖y‖² = Σ‖x‖² + 2 Σ x·(y − x) + Σ‖y − x‖²: read off the products instead of another pass
+        out["yty"] = torch.trace(out["xtx"]) + 2 * torch.trace(out["xtd"]) + out["dtd"]
+        if self.qr:
+            assert self.r_factor is not None
+            rows = _times_pow2(Z.to(dtype=self.dtype, device=self.device), -shift)
+            out["r_factor"] = _tsqr_step(self.r_factor, rows)
+        out = {k: v.to(self.device) for k, v in out.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in out.values()):
+            raise GhostsolveError(
+                f"the statistics of this chunk overflow dtype={self.dtype} (largest |x| or |y| is "
+                f"{_largest(X, Y):.3g}, largest weight {float(w.max()) if w is not None else 1.0:.3g}); "
+                + ("use dtype=torch.float64 (the default), or " if self.dtype != torch.float64 else "")
+                + "rescale X and Y (or the weights) by one constant (the fit is scale-invariant)"
+            )
+        return out
+
+    def _shift(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> int:
+        """Exponent ``k`` such that the rows times ``2^k`` (and ``sqrt(w)``) lie in ``[1, 2)`` at most.
+
+        Scaling by a power of two is exact, so the products of rows near the ends of a low precision's
+        range neither overflow nor lose digits to underflow; the sums are scaled back by ``2^(-2k)``.
+        Also the one place where non-finite input is detected (a max over the rows is NaN/Inf).
+        """
+        top = _largest(X, Y)
+        if not math.isfinite(top):
+            check_finite(X, Y)  # raises, naming the rows
+        if w is not None:
+            top *= math.sqrt(float(w.max()))
+        if top == 0.0:
+            return 0
+        lo, hi = _SAFE_RANGE.get(self.product_dtype, (-math.inf, math.inf))
+        k = 1 - math.frexp(top)[1]  # top · 2^k ∈ [1, 2)
+        if self.dtype == torch.float32:
+            # fp32 accumulators must hold the squared magnitudes themselves
+            e = 2 * math.frexp(top)[1]
+            if not -100 <= e <= 100:
+                raise GhostsolveError(
+                    f"Stats(dtype=torch.float32) cannot hold the statistics of these rows: the largest |x| "
+                    f"or |y| is {top:.3g}, and its square is outside float32's range; use "
+                    "dtype=torch.float64 "
+                    "(the default), or rescale X and Y by one constant (the fit is scale-invariant)"
+                )
+        return 0 if lo <= -k <= hi else k
+
+    def _magnitude_parts(
+        self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         acc = self.dtype
 
         def l1(a: torch.Tensor) -> torch.Tensor:
             # Column sums of |a| within the chunk in a's precision (at least fp32; torch sums cascade, so
             # the relative error is ~log2(n)·eps for these positive terms), accumulated across chunks in
             # the statistics' dtype. A fp64 reduction of the whole chunk would cost ~10% of the products.
-            if wp is None:
-                part = a.abs().sum(dim=0, dtype=torch.promote_types(a.dtype, torch.float32))
-            else:
-                part = wp @ a.abs().to(pd)
+            rt = torch.promote_types(a.dtype, torch.float32)
+            part = a.abs().sum(dim=0, dtype=rt) if w is None else w.to(rt) @ a.abs().to(rt)
             return part.to(acc)
 
+        out: dict[str, torch.Tensor] = {}
         if self.magnitudes:
             out["x_abs_sum"] = l1(X)
             out["y_abs_sum"] = l1(Y)
@@ -252,30 +425,7 @@ class Stats:
             rot = torch.promote_types(X.dtype, torch.float32)
             out["xh_abs_sum"] = l1(apply_hadamard(X.to(rot)))
             out["yh_abs_sum"] = l1(apply_hadamard(Y.to(rot)))
-        out["count"] = (w.sum() if w is not None else torch.tensor(float(n))).to(self.dtype)
-        if wp is not None:
-            Z.mul_(wp.sqrt().unsqueeze(1))
-        dtd = torch.linalg.vector_norm(Dp).square()
-        P = _gram_products(Z, d)
-        # A NaN/Inf in X or Y reaches the products (NaN·0 is NaN), and the sum of finite fp32/fp64 products
-        # cannot overflow: one reduction tests everything; the row-by-row test runs only on failure.
-        total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
-        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
-            check_finite(X, Y)  # raises, naming the rows, when the input is to blame
-            raise GhostsolveError(
-                f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} although the inputs are "
-                "finite; use product_dtype=torch.float32 or torch.float64"
-            )
-        P = P.to(dtype=self.dtype, device=self.device)
-        out["xtx"] = P[:, :d]
-        out["xtd"] = P[:, d:]
-        out["dtd"] = dtd.to(dtype=self.dtype, device=self.device)
-        # Σ‖y‖² = Σ‖x‖² + 2 Σ x·(y − x) + Σ‖y − x‖²: read off the products instead of another pass
-        out["yty"] = torch.trace(out["xtx"]) + 2 * torch.trace(out["xtd"]) + out["dtd"]
-        if self.qr:
-            assert self.r_factor is not None
-            out["r_factor"] = _tsqr_step(self.r_factor, Z.to(dtype=self.dtype, device=self.device))
-        return {k: v.to(self.device) for k, v in out.items()}
+        return out
 
     # ------------------------------------------------------------------ combination
     def _compatible(self, other: Stats) -> None:
@@ -409,6 +559,17 @@ class Stats:
         return out
 
 
+def require_finite(buffers: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`NumericalError` naming the first statistics buffer that holds NaN/Inf."""
+    for name, t in buffers.items():
+        if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
+            raise NumericalError(
+                f"the statistics hold NaN/Inf (in {name}): a corrupted or hand-edited state dict, or an "
+                "overflow "
+                "in a float32 accumulation; rebuild them from the rows with Stats(dim) (float64 sums)"
+            )
+
+
 def check_finite(X: torch.Tensor, Y: torch.Tensor) -> None:
     """Raise :class:`NonFiniteInputError` naming the bad rows when ``X`` or ``Y`` (``(n, d)``) holds NaN/Inf.
 
@@ -431,6 +592,57 @@ def check_finite(X: torch.Tensor, Y: torch.Tensor) -> None:
         first_row=first,
         where=which,
     )
+
+
+# Exponent range (of |x|, base 2) within which a product dtype needs no rescaling: squares and their sums
+# over any realistic chunk stay normal and finite. Half precisions are always normalized (their range is
+# too small to leave any margin); fp32 keeps 2^±30 of headroom; fp64 practically never needs it.
+_SAFE_RANGE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (-400.0, 400.0),
+    torch.float32: (-30.0, 30.0),
+    torch.float16: (0.0, 0.0),
+    torch.bfloat16: (0.0, 0.0),
+}
+
+
+def _times_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t · 2^e`` in place, exact unless it over- or underflows (``2.0 ** e`` alone overflows a Python
+    float beyond ``e = 1023``, and a zero times an infinite factor would give NaN)."""
+    while e:
+        step = max(-1000, min(1000, e))
+        t.mul_(2.0**step)
+        e -= step
+    return t
+
+
+def _largest(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """``max(|X|, |Y|)`` as a Python float (NaN/Inf when the rows hold any)."""
+    inf = float("inf")
+    a, b = float(torch.linalg.vector_norm(X, inf)), float(torch.linalg.vector_norm(Y, inf))
+    return a + b if math.isnan(a + b) else max(a, b)  # Python's max drops a NaN in its second argument
+
+
+def _scaled_rows(
+    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int
+) -> torch.Tensor:
+    """``Z = [X | Y − X] · 2^shift`` (rows times ``sqrt(w)``) in ``pd``, ``(n, 2d)``, a new tensor."""
+    n, d = X.shape
+    Z = torch.empty(n, 2 * d, dtype=pd, device=X.device)
+    wide = torch.promote_types(X.dtype, pd)
+    factor = None
+    if w is not None:  # sqrt(w) · 2^shift, formed in float64 where neither part can overflow alone
+        factor = _times_pow2(w.double().sqrt(), shift).unsqueeze(1).to(wide)
+    if wide == pd:
+        # pd is at least as wide as the input: the cast, the difference and the scaling are exact in pd
+        Xp, Dp = Z[:, :d], Z[:, d:]
+        Xp.copy_(X)
+        Dp.copy_(Y)
+        Dp.sub_(Xp)
+        return Z.mul_(factor) if factor is not None else _times_pow2(Z, shift)
+    # a narrower product dtype: scale in the input's precision first, so that the cast cannot overflow
+    for half, rows in ((Z[:, :d], X.to(wide, copy=True)), (Z[:, d:], Y.to(wide).sub(X))):
+        half.copy_(rows.mul_(factor) if factor is not None else _times_pow2(rows, shift))
+    return Z
 
 
 def _gram_products(Z: torch.Tensor, d: int) -> torch.Tensor:

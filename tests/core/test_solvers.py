@@ -64,7 +64,8 @@ def test_fp32_qr_agrees_where_fp32_cholesky_fails(seed: int, noise: float) -> No
     """cond(X) = 1e5: XᵀX (1e10) is far beyond float32 (1/eps32 ≈ 8e6), X itself is not.
 
     The rows are made exactly representable in float32, so the gap measures the solvers, not input
-    rounding. (Outlier channels alone are a diagonal scaling that Cholesky tolerates; they push
+    rounding; fit(X, Y) accumulates exact float64 statistics, so the gap is the float32 solve's alone.
+    (Outlier channels alone are a diagonal scaling that Cholesky tolerates; they push
     cond(X) past what any float32 method resolves when added on top of a spread spectrum.)
     """
     case = make_case(seed, 600, 12, 1e5, noise=noise)
@@ -77,7 +78,7 @@ def test_fp32_qr_agrees_where_fp32_cholesky_fails(seed: int, noise: float) -> No
             f = ghostsolve.fit(X, Y, solver=solver, dtype=torch.float32)
         gap[solver] = (objective(X, Y, f.delta) - ref) / ref
     assert gap["qr"] < 1e-4
-    assert gap["cholesky"] > 1e-2 and gap["cholesky"] > 1e3 * gap["qr"]
+    assert gap["cholesky"] > 1e-3 and gap["cholesky"] > 1e3 * gap["qr"]
 
 
 def test_cholesky_failure_falls_back_and_says_so() -> None:
