@@ -25,7 +25,7 @@ class Diagnostics:
     Attributes
     ----------
     dim, n_rows
-        Hidden size and (weighted) row count.
+        Hidden size and the number of rows with a nonzero weight.
     ridge : float
         The relative ridge the report assumes.
     eigenvalues : (d,) float64 tensor
@@ -51,7 +51,7 @@ class Diagnostics:
     """
 
     dim: int
-    n_rows: float
+    n_rows: int
     ridge: float
     eigenvalues: torch.Tensor = field(repr=False)
     condition_gram: float

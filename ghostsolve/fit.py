@@ -12,8 +12,9 @@ import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import torch
 
 from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError
@@ -32,7 +33,7 @@ from .solvers import (
     make_problem,
     rank_cutoff,
 )
-from .stats import Stats, as_rows, as_weights, check_dtype, check_finite
+from .stats import Stats, as_rows, as_tensor, as_weights, check_dtype, check_finite
 
 __all__ = ["Fit", "FitDiagnostics", "fit", "ridge_path"]
 
@@ -188,8 +189,11 @@ class Fit:
         ``objective / Σ_rows ‖y − x‖²`` (1 for ``identity``). When ``Y == X`` exactly there is nothing to
         recover: 0 if the fit is exact too, ``inf`` otherwise.
     diagnostics : FitDiagnostics
-    n_rows : float
-        Weighted number of rows the statistics hold.
+    n_rows : int
+        Rows with a nonzero weight the statistics hold (before 0.2: the weighted sum, now
+        :attr:`weight_sum`).
+    weight_sum : float
+        ``Σ w`` over those rows (equal to ``n_rows`` for unweighted rows and 0/1 masks).
     """
 
     family: str
@@ -201,8 +205,9 @@ class Fit:
     objective: float
     relative_residual: float
     diagnostics: FitDiagnostics = field(repr=False)
-    n_rows: float
+    n_rows: int
     dim: int
+    weight_sum: float = 0.0
     _delta: torch.Tensor | None = field(repr=False, default=None)
     _factors: tuple[torch.Tensor, torch.Tensor] | None = field(repr=False, default=None)
 
@@ -226,17 +231,32 @@ class Fit:
         """``(U, V)`` with ``M = U Vᵀ`` (each ``(d, r)``) for ``lowrank``; ``None`` otherwise."""
         return self._factors
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """``h W`` for ``h`` of shape ``(..., d)``, in ``h``'s dtype and device.
+    @overload
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    @overload
+    def __call__(self, h: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, h: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """``h W`` for ``h`` of shape ``(..., d)``, in ``h``'s dtype, device and kind.
+
+        A tensor gives a tensor (differentiable in ``h``); a numpy array gives a numpy array of its dtype.
         Computed as ``h + h M`` so the identity part is exact in low precision.
 
         Raises
         ------
         GhostsolveError
-            When ``h.shape[-1] != d``.
+            When ``h`` is not a float tensor or array, or ``h.shape[-1] != d``.
         """
-        if h.shape[-1] != self.dim:
+        if isinstance(h, np.ndarray):
+            out = self(as_tensor(h, "h"))
+            return out.numpy().astype(h.dtype, copy=False)
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise GhostsolveError(
+                f"h must be a float torch.Tensor or numpy array (..., {self.dim}), got "
+                f"{type(h).__name__}{' of dtype ' + str(h.dtype) if isinstance(h, torch.Tensor) else ''}"
+            )
+        if h.dim() == 0 or h.shape[-1] != self.dim:
             raise GhostsolveError(
                 f"h is {tuple(h.shape)} but this Fit has d={self.dim}; h must be (..., {self.dim})"
             )
@@ -257,7 +277,7 @@ class Fit:
     def __repr__(self) -> str:
         return (
             f"Fit(family={self.family!r}, solver={self.solver!r}, dtype={self.dtype}, ridge={self.ridge:g}, "
-            f"rank={self.rank}, d={self.dim}, n_rows={self.n_rows:g}, objective={self.objective:.6g}, "
+            f"rank={self.rank}, d={self.dim}, n_rows={self.n_rows}, objective={self.objective:.6g}, "
             f"relative_residual={self.relative_residual:.6g})"
         )
 
@@ -556,6 +576,7 @@ def _make_fit(
         diagnostics=diag,
         n_rows=stats.n_rows,
         dim=stats.dim,
+        weight_sum=stats.weight_sum,
         _delta=res.delta,
         _factors=res.factors,
     )

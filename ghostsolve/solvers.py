@@ -115,8 +115,8 @@ class Problem:
         ``Xᵀ(Y − X)``.
     lam : float
         Absolute ridge ``λ``.
-    n_rows : float
-        Weighted row count.
+    n_rows : int
+        Rows with a nonzero weight.
     R : (k, 2d) tensor or None
         TSQR factor of ``[X | Y − X]``.
     """
@@ -124,7 +124,7 @@ class Problem:
     G: torch.Tensor
     B: torch.Tensor
     lam: float
-    n_rows: float
+    n_rows: int
     R: torch.Tensor | None = None
 
     @property
@@ -335,7 +335,7 @@ def choose_solver(
     )
 
 
-def check_full_rank(solver: str, n_rows: float, d: int, ridge: float) -> None:
+def check_full_rank(solver: str, n_rows: int, d: int, ridge: float) -> None:
     """Raise when ``solver`` needs full column rank that ``n_rows < d`` rows cannot give."""
     if solver in _FULL_RANK and ridge == 0 and n_rows < d:
         raise GhostsolveError(

@@ -1,7 +1,8 @@
 """Streaming sufficient statistics for the ghost-operator fit.
 
 Everything a family needs is a raw sum over rows, so chunks, shards and processes combine by addition:
-``count = Σ w``, ``xtx = Σ w xᵀx`` (d×d), ``xtd = Σ w xᵀ(y − x)`` (d×d), ``yty = Σ w ‖y‖²``,
+``rows`` (rows with nonzero weight, an integer), ``count = Σ w``, ``xtx = Σ w xᵀx`` (d×d),
+``xtd = Σ w xᵀ(y − x)`` (d×d), ``yty = Σ w ‖y‖²``,
 ``dtd = Σ w ‖y − x‖²`` and the magnitude sums ``Σ w |x_c|``, ``Σ w |y_c|`` (also after the normalized
 Hadamard rotation, ``Σ w |(x H)_c|``) used by the published "-magnitude" rules. Nothing grows with the number
 of rows. ``xty = xtx + xtd`` is derived on access: accumulating ``Xᵀ(Y − X)`` instead of ``XᵀY`` keeps the
@@ -40,7 +41,7 @@ __all__ = [
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Buffers that are plain sums; the TSQR factor is not, see ``Stats.tensors``.
-_SUMMED = ("count", "xtx", "xtd", "yty", "dtd", "x_abs_sum", "y_abs_sum", "xh_abs_sum", "yh_abs_sum")
+_SUMMED = ("rows", "count", "xtx", "xtd", "yty", "dtd", "x_abs_sum", "y_abs_sum", "xh_abs_sum", "yh_abs_sum")
 
 
 _NUMPY_FLOATS = (np.float64, np.float32, np.float16)
@@ -206,7 +207,7 @@ class Stats:
     >>> s = Stats(4)
     >>> X = torch.randn(10, 4); Y = 2 * X
     >>> s.update(X[:6], Y[:6]).update(X[6:], Y[6:]).n_rows
-    10.0
+    10
     """
 
     def __init__(
@@ -233,6 +234,8 @@ class Stats:
         self.magnitudes = bool(magnitudes)
         self.product_dtype = product_dtype if product_dtype is not None else dtype
         kw: dict[str, Any] = {"dtype": dtype, "device": self.device}
+        # an exact integer count (int64 all-reduces by SUM like the rest), beside the weighted sum
+        self.rows = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = torch.zeros((), **kw)
         self.xtx = torch.zeros(dim, dim, **kw)
         self.xtd = torch.zeros(dim, dim, **kw)
@@ -252,8 +255,17 @@ class Stats:
 
     # ------------------------------------------------------------------ properties
     @property
-    def n_rows(self) -> float:
-        """Number of rows seen, counted with their weights (unmasked rows for a 0/1 mask)."""
+    def n_rows(self) -> int:
+        """Number of rows seen with a nonzero weight (the unmasked rows for a 0/1 mask), an ``int``.
+
+        Before version 0.2 this was the weighted sum (a float); that is now :attr:`weight_sum`. The two
+        agree for unweighted rows and 0/1 masks.
+        """
+        return int(self.rows)
+
+    @property
+    def weight_sum(self) -> float:
+        """``Σ w`` over the rows seen (``n_rows`` for unweighted rows and 0/1 masks)."""
         return float(self.count)
 
     @property
@@ -263,7 +275,8 @@ class Stats:
 
     def __repr__(self) -> str:
         return (
-            f"Stats(dim={self.dim}, n_rows={self.n_rows:g}, dtype={self.dtype}, device={self.device}, "
+            f"Stats(dim={self.dim}, n_rows={self.n_rows}, weight_sum={self.weight_sum:g}, "
+            f"dtype={self.dtype}, device={self.device}, "
             f"qr={self.qr}, product_dtype={self.product_dtype}, magnitudes={self.magnitudes})"
         )
 
@@ -284,7 +297,8 @@ class Stats:
         Parameters
         ----------
         X, Y : (n, d) or (..., d) tensor or numpy array, any float dtype, any device
-            Rows entering the removed block and rows after it; leading dimensions are flattened.
+            Rows entering the removed block and rows after it; leading dimensions are flattened. When
+            their dtypes differ both are read at the wider one (``torch.promote_types``).
         weights : (n,) or (...,) tensor, optional
             Nonnegative per-row weights matching the leading dimensions (e.g. a 0/1 padding mask).
 
@@ -296,9 +310,9 @@ class Stats:
         Raises
         ------
         GhostsolveError
-            Shape or dtype mismatch; NaN/Inf in X or Y (the count of bad rows and the first one); negative
-            or non-finite weights; products that overflow in a half-precision ``product_dtype``. On any
-            error the statistics are left unchanged.
+            Shape mismatch or a non-float dtype; NaN/Inf in X or Y (the count of bad rows and the first
+            one); negative or non-finite weights; products that overflow in a half-precision
+            ``product_dtype``. On any error the statistics are left unchanged.
         """
         X2, Y2, w = self._rows(X, Y, weights)
         if X2.shape[0] == 0:
@@ -326,9 +340,9 @@ class Stats:
                 f"X is {tuple(X.shape)} but Y is {tuple(Y.shape)}; both must be (n_tokens, hidden_size={d})"
             )
         if Y.dtype != X.dtype:
-            raise GhostsolveError(
-                f"X has dtype {X.dtype} but Y has dtype {Y.dtype}; capture both at one precision"
-            )
+            # as if both had been captured at the wider precision (a copy of the narrower one)
+            common = torch.promote_types(X.dtype, Y.dtype)
+            X, Y = X.to(common), Y.to(common)
         if Y.device != X.device:
             raise GhostsolveError(f"X is on {X.device} but Y is on {Y.device}; put both on one device")
         w = None if weights is None else as_weights(weights, tuple(X.shape), X.device)
@@ -341,6 +355,7 @@ class Stats:
         Z = _scaled_rows(X, Y, w, pd, shift)
         out = self._magnitude_parts(X, Y, w)
         out["count"] = (w.sum() if w is not None else torch.tensor(float(X.shape[0]))).to(self.dtype)
+        out["rows"] = (w > 0).sum() if w is not None else torch.tensor(X.shape[0])
         dtd = torch.linalg.vector_norm(Z[:, d:], dtype=torch.promote_types(pd, torch.float32)).square()
         P = _gram_products(Z, d)
         # X and Y are finite (checked in _shift) and scaled so that |entries| < 2: only a sum over more
@@ -462,7 +477,7 @@ class Stats:
             if a is None:
                 continue
             b = getattr(other, name)
-            setattr(out, name, a + b.to(dtype=self.dtype, device=self.device))
+            setattr(out, name, a + b.to(dtype=a.dtype, device=self.device))
         if self.qr:
             assert self.r_factor is not None and other.r_factor is not None
             out.r_factor = _tsqr_step(self.r_factor, other.r_factor.to(dtype=self.dtype, device=self.device))
@@ -521,13 +536,16 @@ class Stats:
             "product_dtype": str(self.product_dtype).removeprefix("torch."),
             "qr": self.qr,
             "magnitudes": self.magnitudes,
-            "version": 1,
+            "version": 2,
         }
         return state
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], *, device: torch.device | str | None = None) -> Stats:
         """Rebuild :class:`Stats` from :meth:`state_dict` output.
+
+        Version-1 state dicts (before the integer row count existed) are read with ``rows`` taken as
+        ``round(count)``: exact for unweighted rows and 0/1 masks.
 
         Raises
         ------
@@ -548,6 +566,8 @@ class Stats:
             ref = getattr(out, name)
             if ref is None:
                 continue
+            if name == "rows" and name not in state and "count" in state:
+                state = {**state, "rows": torch.as_tensor(state["count"]).double().round()}
             if name not in state:
                 raise GhostsolveError(f"Stats state dict lacks {name!r}; keys seen: {sorted(state)}")
             value = torch.as_tensor(state[name])
@@ -555,7 +575,7 @@ class Stats:
                 raise GhostsolveError(
                     f"Stats state dict entry {name!r} is {tuple(value.shape)}, expected {tuple(ref.shape)}"
                 )
-            setattr(out, name, value.to(dtype=dtype, device=out.device).clone())
+            setattr(out, name, value.to(dtype=ref.dtype, device=out.device).clone())
         return out
 
 
