@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import GhostsolveError, IllConditionedWarning
-from .families import MAGNITUDE
+from .families import stats_features
 from .solvers import SOLVERS, check_ridge, choose_solver, kappa_safe, rank_cutoff, relative_lambda
 from .stats import Stats
 
@@ -85,7 +85,7 @@ def _stats_of(X_or_stats: Any, Y: Any = None) -> Stats:
         if Y is not None:
             raise GhostsolveError("diagnose(stats) takes no Y: the statistics already hold it")
         return X_or_stats
-    return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False)
+    return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False, hadamard_magnitudes=False)
 
 
 def _precision_advice(kappa: float) -> tuple[torch.dtype, list[str]]:
@@ -322,8 +322,9 @@ def compare_precisions(
     for s in solvers:
         if s not in SOLVERS:
             raise GhostsolveError(f"unknown solver {s!r}; valid solvers: {', '.join(SOLVERS)}")
-    magnitudes = family in MAGNITUDE
-    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, magnitudes=magnitudes)
+    features = stats_features([family])
+    features.pop("qr")
+    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, **features)
     ref = fit(ref_stats, family=family, solver="svd", ridge=ridge)
     ref_obj = ref.objective
     rows = []
@@ -336,7 +337,7 @@ def compare_precisions(
             if qr not in built:
                 t0 = time.perf_counter()
                 try:
-                    made: Stats | str = accumulate(X, Y, weights, dtype=dtype, qr=qr, magnitudes=magnitudes)
+                    made: Stats | str = accumulate(X, Y, weights, dtype=dtype, qr=qr, **features)
                 except GhostsolveError as exc:
                     made = str(exc)
                 built[qr] = (made, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError
-from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family
+from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family, stats_features
 from .solvers import (
     SOLVERS,
     Problem,
@@ -366,6 +366,7 @@ def accumulate(
     dtype: torch.dtype = torch.float64,
     qr: bool = False,
     magnitudes: bool = True,
+    hadamard_magnitudes: bool | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Stats:
     """:class:`Stats` of all rows of ``X`` and ``Y`` (``(..., d)``), fed in chunks of ``chunk_rows``.
@@ -384,7 +385,9 @@ def accumulate(
         )
     if d < 1:
         raise GhostsolveError(f"X is {tuple(X.shape)}; it must be (n_tokens, hidden_size ≥ 1)")
-    stats = Stats(d, dtype=dtype, device=X.device, qr=qr, magnitudes=magnitudes)
+    stats = Stats(
+        d, dtype=dtype, device=X.device, qr=qr, magnitudes=magnitudes, hadamard_magnitudes=hadamard_magnitudes
+    )
     X2, Y2 = X.reshape(-1, d), Y.reshape(-1, d)
     w = None if weights is None else as_weights(weights, tuple(X.shape), X.device)
     try:
@@ -398,7 +401,7 @@ def accumulate(
 
 
 def _statistics(
-    X_or_stats: Any, Y: Any, weights: Any, *, qr: bool, magnitudes: bool, caller: str = "fit"
+    X_or_stats: Any, Y: Any, weights: Any, features: dict[str, bool], caller: str = "fit"
 ) -> tuple[Stats, tuple[Any, Any, Any] | None]:
     """The statistics to fit from, and the raw rows when they were given (for a second TSQR pass)."""
     raw = None
@@ -417,7 +420,12 @@ def _statistics(
         raw = (X_or_stats, Y, weights)
         # Exact (float64) statistics whatever the working dtype: the objective is then evaluated on what
         # the rows really are, and a float32 solve is judged by its own error, not the statistics'.
-        stats = accumulate(*raw, qr=qr, magnitudes=magnitudes)
+        stats = accumulate(
+            *raw,
+            qr=features["qr"],
+            magnitudes=features["magnitudes"],
+            hadamard_magnitudes=features["hadamard_magnitudes"],
+        )
     if stats.n_rows <= 0:
         raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
     return stats, raw
@@ -489,15 +497,15 @@ def fit(
     """
     rank = _validate(family, solver, dtype, rank)
     lam_rel = check_ridge(ridge)
-    uses_solver = family not in CLOSED_FORM
-    stats, raw = _statistics(
-        X_or_stats, Y, weights, qr=uses_solver and solver in ("qr", "svd"), magnitudes=family in MAGNITUDE
-    )
+    # only what the family (and an explicitly named solver) needs: see Stats.for_families
+    features = stats_features([family], [solver] if family not in CLOSED_FORM else [])
+    stats, raw = _statistics(X_or_stats, Y, weights, features)
     d = stats.dim
     if rank is not None and rank > d:
         raise GhostsolveError(f"rank={rank} exceeds d={d}; use rank ≤ {d} (rank={d} equals family='full')")
-    resolved, checked, notes, stats = _resolve_solver(family, solver, stats, dtype, lam_rel, raw)
+    resolved, checked, notes, stats, factor = _resolve_solver(family, solver, stats, dtype, lam_rel, raw)
     problem = make_problem(stats, dtype, lam_rel)
+    problem.factor64 = factor
     res = solve_family(family, problem, stats, resolved, rank, checked=checked)
     out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank, notes)
     _warn_if_suspect(out, res, stats)
@@ -506,27 +514,28 @@ def fit(
 
 def _resolve_solver(
     family: str, solver: str, stats: Stats, dtype: torch.dtype, ridge: float, raw: tuple[Any, Any, Any] | None
-) -> tuple[str, bool, list[str], Stats]:
-    """The solver actually used, whether ``auto`` vetted the conditioning, notes, and the statistics
-    (rebuilt with a TSQR factor when ``auto`` wants one and the rows are at hand)."""
+) -> tuple[str, bool, list[str], Stats, torch.Tensor | None]:
+    """The solver actually used, whether ``auto`` vetted the conditioning, notes, the statistics
+    (rebuilt with a TSQR factor when ``auto`` wants one and the rows are at hand), and the float64
+    Cholesky factor ``auto`` already computed (or None)."""
     notes: list[str] = []
     if family in CLOSED_FORM:
         if solver != "auto":
             notes.append(f"family={family!r} has a closed form; solver={solver!r} was not used")
-        return "closed-form", False, notes, stats
+        return "closed-form", False, notes, stats, None
     if family == "symmetric":
         if solver == "auto":
-            return ("svd" if stats.r_factor is not None else "eigh"), False, notes, stats
-        return solver, False, notes, stats
-    resolved, checked = solver, False
+            return ("svd" if stats.r_factor is not None else "eigh"), False, notes, stats, None
+        return solver, False, notes, stats, None
+    resolved, checked, factor = solver, False, None
     if solver == "auto":
         choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=raw is not None)
-        resolved, checked = choice.solver, True
+        resolved, checked, factor = choice.solver, True, choice.factor
         notes.append(f"auto chose {choice}")
         if resolved in ("qr", "svd") and stats.r_factor is None and raw is not None:
-            stats = accumulate(*raw, qr=True, magnitudes=False)
+            stats = accumulate(*raw, qr=True, magnitudes=False, hadamard_magnitudes=False)
     check_full_rank(resolved, stats.n_rows, stats.dim, ridge)
-    return resolved, checked, notes, stats
+    return resolved, checked, notes, stats, factor
 
 
 def _make_fit(
@@ -611,7 +620,8 @@ def _suspect(f: Fit, res: FamilyResult, stats: Stats) -> list[str]:
             f"the operator ignores {spanned - res.rank} directions the rows span: use solver='qr' or "
             "'auto', dtype=torch.float64, or a ridge"
         )
-    elif f.family == "full":
+    elif f.family == "full" and (stats.n_rows >= d or f.lam > 0):
+        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot see)
         c = 8 * (math.sqrt(max(stats.n_rows, 1)) + d)
         scale = float(stats.xtx.double().abs().sum(dim=0).max()) * float(torch.linalg.matrix_norm(f.delta))
         scale += float(torch.linalg.matrix_norm(stats.xtd.double()))
@@ -672,7 +682,7 @@ def ridge_path(
     """
     _validate("full", "eigh", dtype, None)
     values = [check_ridge(r) for r in ridges]
-    stats, _ = _statistics(X_or_stats, Y, weights, qr=False, magnitudes=False, caller="ridge_path")
+    stats, _ = _statistics(X_or_stats, Y, weights, stats_features(["full"]), caller="ridge_path")
     base = make_problem(stats, dtype, 0.0)
     e, V, VtB = eig_decompose(base)
     fits = []

@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 from .errors import GhostsolveError, NonFiniteInputError, NumericalError
 from .hadamard import apply_hadamard, hadamard_supported
@@ -41,6 +42,7 @@ __all__ = [
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Buffers that are plain sums; the TSQR factor is not, see ``Stats.tensors``.
+_SETTINGS = ("dtype", "device", "qr", "product_dtype", "magnitudes", "hadamard_magnitudes")
 _SUMMED = ("rows", "count", "xtx", "xtd", "yty", "dtd", "x_abs_sum", "y_abs_sum", "xh_abs_sum", "yh_abs_sum")
 
 
@@ -185,9 +187,14 @@ class Stats:
         Also keep the TSQR factor ``R`` (``(k, 2d)``, ``k ≤ 2d``) of the weighted ``[X | Y − X]`` for the
         ``qr``/``svd`` solvers. Costs one QR of ``(n + 2d) × 2d`` per chunk.
     magnitudes : bool, default True
-        Also keep the magnitude sums (``x_abs_sum``, ``y_abs_sum`` and their Hadamard-rotated versions) that
-        only the ``-magnitude`` families use. They cost a few passes over each chunk (about a third of the
-        product time at ``d = 1024``); ``magnitudes=False`` skips them, and those families then refuse.
+        Also keep the magnitude sums ``x_abs_sum``, ``y_abs_sum`` that only ``scalar-magnitude`` and
+        ``diagonal-magnitude`` use (two passes over each chunk); ``magnitudes=False`` skips them, and those
+        families then refuse.
+    hadamard_magnitudes : bool, optional
+        Also keep the Hadamard-rotated sums ``xh_abs_sum``, ``yh_abs_sum`` that only ``hadamard-magnitude``
+        uses (two rotations of each chunk); default: the value of ``magnitudes``, as before 0.2. Ignored
+        (no buffers) when ``d`` has no supported Hadamard matrix. :meth:`for_families` sets all three
+        feature flags from the families (and solvers) a caller will fit.
     product_dtype : torch.dtype, optional
         Precision of the per-chunk products (default: ``dtype``). The *fast mode* is
         ``product_dtype=torch.float32`` with ``dtype=torch.float64``: products of a chunk run at fp32 GEMM
@@ -219,6 +226,7 @@ class Stats:
         qr: bool = False,
         product_dtype: torch.dtype | None = None,
         magnitudes: bool = True,
+        hadamard_magnitudes: bool | None = None,
     ) -> None:
         if isinstance(dim, numbers.Integral) and not isinstance(dim, bool):
             dim = int(dim)
@@ -232,6 +240,9 @@ class Stats:
         self.device = resolve_device(device)
         self.qr = bool(qr)
         self.magnitudes = bool(magnitudes)
+        self.hadamard_magnitudes = (
+            self.magnitudes if hadamard_magnitudes is None else bool(hadamard_magnitudes)
+        )
         self.product_dtype = product_dtype if product_dtype is not None else dtype
         kw: dict[str, Any] = {"dtype": dtype, "device": self.device}
         # an exact integer count (int64 all-reduces by SUM like the rest), beside the weighted sum
@@ -248,10 +259,63 @@ class Stats:
         if self.magnitudes:
             self.x_abs_sum = torch.zeros(dim, **kw)
             self.y_abs_sum = torch.zeros(dim, **kw)
-        if self.magnitudes and hadamard_supported(dim):
+        if self.hadamard_magnitudes and hadamard_supported(dim):
             self.xh_abs_sum = torch.zeros(dim, **kw)
             self.yh_abs_sum = torch.zeros(dim, **kw)
         self.r_factor: torch.Tensor | None = torch.zeros(0, 2 * dim, **kw) if self.qr else None
+
+    @classmethod
+    def for_families(
+        cls,
+        dim: int,
+        families: Iterable[str],
+        *,
+        solvers: Iterable[str] = (),
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        product_dtype: torch.dtype | None = None,
+    ) -> Stats:
+        """Statistics holding exactly what fitting ``families`` (with ``solvers``) needs, and no more.
+
+        ``xtx``, ``xtd``, ``yty``, ``dtd`` and the counts are always kept (every least-squares family and
+        the objective need them); the magnitude sums only for ``scalar-magnitude``/``diagonal-magnitude``,
+        the Hadamard-rotated ones only for ``hadamard-magnitude``, the TSQR factor only for the ``qr`` and
+        ``svd`` solvers (see :func:`ghostsolve.families.stats_features`). What is kept is exact: a
+        feature is either computed as by ``Stats(...)`` or absent.
+
+        Parameters
+        ----------
+        dim : int
+            Hidden size.
+        families : iterable of str
+            Names from :data:`ghostsolve.FAMILIES`.
+        solvers : iterable of str
+            Names from :data:`ghostsolve.SOLVERS` that will be used (``auto`` needs no TSQR factor up
+            front: with statistics only it chooses among the solvers that do not).
+        dtype, device, product_dtype
+            As for :class:`Stats`.
+
+        Raises
+        ------
+        GhostsolveError
+            An unknown family or solver name (the valid ones are listed).
+
+        Examples
+        --------
+        >>> s = Stats.for_families(8, ["full", "lowrank"])
+        >>> (s.magnitudes, s.hadamard_magnitudes, s.qr)
+        (False, False, False)
+        """
+        # families imports this module (for Stats); importing it here keeps the dependency one-way at load
+        from .families import stats_features
+
+        return cls(
+            dim, dtype=dtype, device=device, product_dtype=product_dtype, **stats_features(families, solvers)
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor keywords that build empty statistics like these (``Stats(dim, **settings)``)."""
+        return {name: getattr(self, name) for name in _SETTINGS}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -277,7 +341,8 @@ class Stats:
         return (
             f"Stats(dim={self.dim}, n_rows={self.n_rows}, weight_sum={self.weight_sum:g}, "
             f"dtype={self.dtype}, device={self.device}, "
-            f"qr={self.qr}, product_dtype={self.product_dtype}, magnitudes={self.magnitudes})"
+            f"qr={self.qr}, product_dtype={self.product_dtype}, magnitudes={self.magnitudes}, "
+            f"hadamard_magnitudes={self.hadamard_magnitudes})"
         )
 
     def check_statistics(self) -> None:
@@ -349,44 +414,74 @@ class Stats:
         return X.reshape(-1, d), Y.reshape(-1, d), w
 
     def _chunk(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        d = self.dim
-        pd = self.product_dtype
-        shift = self._shift(X, Y, w)
-        Z = _scaled_rows(X, Y, w, pd, shift)
+        pd, acc = self.product_dtype, self.dtype
+        path = _product_path(X.shape[0], self.dim, pd, X.device)
+        half = pd in (torch.float16, torch.bfloat16)
+        # Optimistic first: rows in the normal range of pd need no scaling, and the products themselves
+        # reveal NaN/Inf input (NaN·0 is NaN) and over/underflow, so the common case pays no extra pass.
+        # Half precisions have no range to spare and are always normalized.
+        shift = self._shift(X, Y, w) if half else 0
+        Xp, Dp, xx, xd, dtd = _products(X, Y, w, pd, shift, path)
+        if not half and not self._usable(xx, dtd):
+            shift = self._shift(X, Y, w)  # raises on NaN/Inf rows, naming them
+            Xp, Dp, xx, xd, dtd = _products(X, Y, w, pd, shift, path)
+        if half:
+            self._check_overflow(xx, xd, dtd, X.shape[0])
         out = self._magnitude_parts(X, Y, w)
-        out["count"] = (w.sum() if w is not None else torch.tensor(float(X.shape[0]))).to(self.dtype)
+        out["count"] = (w.sum() if w is not None else torch.tensor(float(X.shape[0]))).to(acc)
         out["rows"] = (w > 0).sum() if w is not None else torch.tensor(X.shape[0])
-        dtd = torch.linalg.vector_norm(Z[:, d:], dtype=torch.promote_types(pd, torch.float32)).square()
-        P = _gram_products(Z, d)
-        # X and Y are finite (checked in _shift) and scaled so that |entries| < 2: only a sum over more
-        # rows than a half precision can count overflows, and one reduction detects it.
-        total = P.sum(dtype=torch.promote_types(P.dtype, torch.float32))
-        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(dtd))):
-            wider = [t for t in (torch.float32, torch.float64) if torch.finfo(t).max > torch.finfo(pd).max]
-            raise GhostsolveError(
-                f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} over {X.shape[0]} rows; "
-                f"use product_dtype={' or '.join(str(t) for t in wider) or 'torch.float64'}, "
-                "or feed smaller chunks"
-            )
-        P = _times_pow2(P.to(dtype=self.dtype, device=self.device), -2 * shift)
-        out["xtx"] = P[:, :d]
-        out["xtd"] = P[:, d:]
-        out["dtd"] = _times_pow2(dtd.to(dtype=self.dtype, device=self.device), -2 * shift)
+        # the parts stay in pd (the accumulators add them in their own precision) unless a shift must be
+        # undone first
+        out["xtx"], out["xtd"], out["dtd"] = (self._unscaled(t, shift) for t in (xx, xd, dtd))
         # Σ‖y‖² = Σ‖x‖² + 2 Σ x·(y − x) + Σ‖y − x‖²: read off the products instead of another pass
-        out["yty"] = torch.trace(out["xtx"]) + 2 * torch.trace(out["xtd"]) + out["dtd"]
+        diag = out["xtx"].diagonal().sum(dtype=acc) + 2 * out["xtd"].diagonal().sum(dtype=acc)
+        out["yty"] = diag.to(self.device) + out["dtd"].to(acc)
         if self.qr:
             assert self.r_factor is not None
-            rows = _times_pow2(Z.to(dtype=self.dtype, device=self.device), -shift)
+            rows = _times_pow2(torch.cat([Xp, Dp], dim=1).to(dtype=acc, device=self.device), -shift)
             out["r_factor"] = _tsqr_step(self.r_factor, rows)
         out = {k: v.to(self.device) for k, v in out.items()}
-        if not all(bool(torch.isfinite(v).all()) for v in out.values()):
+        # Scaled finite rows have float64 products far inside the range; only undoing a shift, float32
+        # sums or large weights can leave it, so the (per-buffer) test runs only then.
+        risky = shift != 0 or acc != torch.float64 or w is not None
+        if risky and not all(bool(torch.isfinite(v.sum())) for v in out.values()):
             raise GhostsolveError(
-                f"the statistics of this chunk overflow dtype={self.dtype} (largest |x| or |y| is "
+                f"the statistics of this chunk overflow dtype={acc} (largest |x| or |y| is "
                 f"{_largest(X, Y):.3g}, largest weight {float(w.max()) if w is not None else 1.0:.3g}); "
-                + ("use dtype=torch.float64 (the default), or " if self.dtype != torch.float64 else "")
+                + ("use dtype=torch.float64 (the default), or " if acc != torch.float64 else "")
                 + "rescale X and Y (or the weights) by one constant (the fit is scale-invariant)"
             )
         return out
+
+    def _usable(self, xx: torch.Tensor, dtd: torch.Tensor) -> bool:
+        """Whether unscaled products are finite and their largest ``Σ x_c²`` lies where neither the product
+        dtype nor the accumulators lose digits to underflow (else the rows are rescaled and redone)."""
+        # NaN/Inf anywhere in X reaches diag(XᵀX), anywhere in Y − X reaches ‖D‖²; and by Cauchy–Schwarz
+        # |(XᵀD)_ij| ≤ sqrt((XᵀX)_ii ‖D‖²), so XᵀD is finite when both are: no pass over XᵀD needed
+        top = xx.diagonal().max() if xx.numel() else xx.new_zeros(())
+        if not math.isfinite(float(top.double() + dtd)):
+            return False
+        floor = max(2.0 ** (2 * _SAFE_RANGE[t][0]) for t in (self.product_dtype, self.dtype))
+        return float(top) >= floor  # all-zero rows also land here: _shift then finds nothing to scale
+
+    def _unscaled(self, t: torch.Tensor, shift: int) -> torch.Tensor:
+        """A chunk product ``t`` (scaled by ``2^(2·shift)``) back on the statistics' scale and device."""
+        if shift == 0:
+            return t.to(self.device)
+        return _times_pow2(t.to(dtype=self.dtype, device=self.device), -2 * shift)
+
+    @staticmethod
+    def _check_overflow(xx: torch.Tensor, xd: torch.Tensor, dtd: torch.Tensor, n: int) -> None:
+        pd = xx.dtype
+        # the rows are finite and scaled so that |entries| < 2: only a sum over more rows than a half
+        # precision can count overflows, and one reduction detects it
+        if bool(torch.isfinite(xx.sum(dtype=torch.float32) + xd.sum(dtype=torch.float32) + dtd)):
+            return
+        wider = [t for t in (torch.float32, torch.float64) if torch.finfo(t).max > torch.finfo(pd).max]
+        raise GhostsolveError(
+            f"the chunk products XᵀX, Xᵀ(Y−X) overflowed in product_dtype={pd} over {n} rows; "
+            f"use product_dtype={' or '.join(str(t) for t in wider)}, or feed smaller chunks"
+        )
 
     def _shift(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> int:
         """Exponent ``k`` such that the rows times ``2^k`` (and ``sqrt(w)``) lie in ``[1, 2)`` at most.
@@ -450,7 +545,7 @@ class Stats:
             raise GhostsolveError(
                 f"cannot merge Stats of dim {self.dim} and {other.dim}; both need one hidden size"
             )
-        why = {"magnitudes": "", "qr": ": the TSQR factor would be lost"}
+        why = {"magnitudes": "", "hadamard_magnitudes": "", "qr": ": the TSQR factor would be lost"}
         for name, reason in why.items():
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
@@ -484,14 +579,7 @@ class Stats:
         return out
 
     def _empty_like(self) -> Stats:
-        return Stats(
-            self.dim,
-            dtype=self.dtype,
-            device=self.device,
-            qr=self.qr,
-            product_dtype=self.product_dtype,
-            magnitudes=self.magnitudes,
-        )
+        return Stats(self.dim, **self.settings())
 
     def __add__(self, other: Stats) -> Stats:
         return self.merge(other)
@@ -503,14 +591,7 @@ class Stats:
 
     def to(self, device: torch.device | str) -> Stats:
         """A copy with every buffer on ``device``."""
-        out = Stats(
-            self.dim,
-            dtype=self.dtype,
-            device=device,
-            qr=self.qr,
-            product_dtype=self.product_dtype,
-            magnitudes=self.magnitudes,
-        )
+        out = Stats(self.dim, **{**self.settings(), "device": device})
         for name in (*_SUMMED, "r_factor"):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value.to(out.device, copy=True))
@@ -536,6 +617,7 @@ class Stats:
             "product_dtype": str(self.product_dtype).removeprefix("torch."),
             "qr": self.qr,
             "magnitudes": self.magnitudes,
+            "hadamard_magnitudes": self.hadamard_magnitudes,
             "version": 2,
         }
         return state
@@ -559,9 +641,18 @@ class Stats:
             pdtype = getattr(torch, meta.get("product_dtype", meta["dtype"]))
             qr = bool(meta["qr"])
             magnitudes = bool(meta.get("magnitudes", True))
-        except (KeyError, TypeError, AttributeError) as exc:
+            hadamard = bool(meta.get("hadamard_magnitudes", magnitudes))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise GhostsolveError(f"not a Stats state dict (bad or missing 'meta': {exc!r})") from exc
-        out = cls(dim, dtype=dtype, device=device, qr=qr, product_dtype=pdtype, magnitudes=magnitudes)
+        out = cls(
+            dim,
+            dtype=dtype,
+            device=device,
+            qr=qr,
+            product_dtype=pdtype,
+            magnitudes=magnitudes,
+            hadamard_magnitudes=hadamard,
+        )
         for name in (*_SUMMED, "r_factor"):
             ref = getattr(out, name)
             if ref is None:
@@ -642,44 +733,112 @@ def _largest(X: torch.Tensor, Y: torch.Tensor) -> float:
     return a + b if math.isnan(a + b) else max(a, b)  # Python's max drops a NaN in its second argument
 
 
+# How a chunk's products are computed (measured with benchmarks/bench_core.py on the 2-core CPU of the
+# build machine; see docs/core.md, "Profile"):
+# * "blas": wide rows on the CPU — XᵀX by BLAS syrk (N·d² flops, one triangle, mirrored) and Xᵀ(Y−X) by
+#   GEMM, both from scipy's OpenBLAS on the tensors' own memory (torch exposes no syrk, and mixing its
+#   OpenMP pool with OpenBLAS's between the two products costs more than it saves). At d = 1024 this
+#   took 0.70× the time of torch's fused [XᵀX | XᵀD] in fp64 and 0.84× in fp32.
+# * "half": [XᵀX | XᵀD] by two torch GEMMs that skip the lower-left quarter of XᵀX (3.5·N·d² flops).
+# * "fused": one torch GEMM Xᵀ[X | D] (4·N·d²): below these sizes fewer, larger calls win.
+_BLAS_MIN_D = 768
+_HALF_MIN_D = 256
+_HALF_MIN_ROWS = 2048
+
+
+def _product_path(n: int, d: int, pd: torch.dtype, device: torch.device) -> str:
+    if device.type == "cpu" and pd in (torch.float32, torch.float64) and d >= _BLAS_MIN_D:
+        return "blas"
+    return "half" if d >= _HALF_MIN_D and n >= _HALF_MIN_ROWS else "fused"
+
+
 def _scaled_rows(
-    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int
-) -> torch.Tensor:
-    """``Z = [X | Y − X] · 2^shift`` (rows times ``sqrt(w)``) in ``pd``, ``(n, 2d)``, a new tensor."""
+    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int, path: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y − X) · 2^shift`` (rows times ``sqrt(w)``) in ``pd``, as two ``(n, d)`` tensors.
+
+    For the ``"blas"`` path they are separate row-major buffers (the first may be ``X`` itself, read
+    only, when nothing needs casting or scaling: the fast mode on float32 rows then makes one pass
+    ``Y − X`` before the products instead of three); otherwise the two halves of one ``(n, 2d)`` buffer.
+    """
     n, d = X.shape
-    Z = torch.empty(n, 2 * d, dtype=pd, device=X.device)
     wide = torch.promote_types(X.dtype, pd)
     factor = None
     if w is not None:  # sqrt(w) · 2^shift, formed in float64 where neither part can overflow alone
         factor = _times_pow2(w.double().sqrt(), shift).unsqueeze(1).to(wide)
-    if wide == pd:
-        # pd is at least as wide as the input: the cast, the difference and the scaling are exact in pd
-        Xp, Dp = Z[:, :d], Z[:, d:]
-        Xp.copy_(X)
-        Dp.copy_(Y)
-        Dp.sub_(Xp)
-        return Z.mul_(factor) if factor is not None else _times_pow2(Z, shift)
-    # a narrower product dtype: scale in the input's precision first, so that the cast cannot overflow
-    for half, rows in ((Z[:, :d], X.to(wide, copy=True)), (Z[:, d:], Y.to(wide).sub(X))):
-        half.copy_(rows.mul_(factor) if factor is not None else _times_pow2(rows, shift))
-    return Z
+    if wide != pd:
+        # a narrower product dtype: scale in the input's precision first, so that the cast cannot overflow
+        Xw, Dw = X.to(wide, copy=True), Y.to(wide).sub(X)
+        _scale_rows(Xw, Dw, factor, shift)
+        Xw, Dw = Xw.to(pd), Dw.to(pd)
+        return (Xw, Dw) if path == "blas" else _halves(torch.cat([Xw, Dw], dim=1))
+    # pd is at least as wide as the input: the cast, the difference and the scaling are exact in pd
+    if path == "blas" and factor is None and shift == 0 and X.dtype == pd and X.is_contiguous():
+        return X, torch.sub(Y, X)
+    if path == "blas":
+        Xp = torch.empty(n, d, dtype=pd, device=X.device)
+        Dp = torch.empty(n, d, dtype=pd, device=X.device)
+    else:
+        Xp, Dp = _halves(torch.empty(n, 2 * d, dtype=pd, device=X.device))
+    Xp.copy_(X)
+    Dp.copy_(Y)
+    Dp.sub_(Xp)  # in pd, at least the input's precision: exact (a same-dtype sub is the fast kernel)
+    _scale_rows(Xp, Dp, factor, shift)
+    return Xp, Dp
 
 
-def _gram_products(Z: torch.Tensor, d: int) -> torch.Tensor:
-    """``[XᵀX | XᵀD]`` (d × 2d) for ``Z = [X | D]``, computing only half of the symmetric XᵀX.
+def _products(
+    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int, path: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled rows ``Xp``, ``Dp`` and their ``XᵀX``, ``XᵀD`` (in pd) and ``‖D‖²`` (float64)."""
+    Xp, Dp = _scaled_rows(X, Y, w, pd, shift, path)
+    # per-row norms in pd (short sums), then their squares summed in float64: as accurate as the
+    # products for a fraction of a float64 reduction's cost on low-precision rows
+    dtd = torch.linalg.vector_norm(Dp, dim=1).double().square().sum()
+    xx, xd = _gram_products(Xp, Dp, path)
+    return Xp, Dp, xx, xd, dtd
 
-    The first half of the rows of XᵀX comes with XᵀD in one GEMM; the second half needs only the
-    columns right of the diagonal block. Total ``3.5 n d²`` flops instead of ``4 n d²`` (a symmetric
-    rank-k update would reach ``3 n d²``, but BLAS syrk runs far below GEMM speed in practice).
+
+def _halves(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = Z.shape[1] // 2
+    return Z[:, :d], Z[:, d:]
+
+
+def _scale_rows(Xp: torch.Tensor, Dp: torch.Tensor, factor: torch.Tensor | None, shift: int) -> None:
+    for t in (Xp, Dp):
+        if factor is not None:
+            t.mul_(factor)
+        else:
+            _times_pow2(t, shift)
+
+
+def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(XᵀX, XᵀD)`` in the rows' dtype and device, by ``path`` (see ``_product_path``).
+
+    ``XᵀX`` is exactly symmetric on the ``"blas"`` path (one triangle, mirrored) and symmetric to rounding
+    on the others (the solvers read one triangle).
     """
-    if d < 256:
-        return Z[:, :d].T @ Z
+    d = Xp.shape[1]
+    if path == "blas":
+        Xn, Dn = Xp.contiguous().numpy(), Dp.contiguous().numpy()
+        double = Xp.dtype == torch.float64
+        syrk, gemm = (blas.dsyrk, blas.dgemm) if double else (blas.ssyrk, blas.sgemm)
+        c = np.zeros((d, d), dtype=Xn.dtype, order="F")  # calloc: the untouched triangle stays zero
+        # Xnᵀ is the Fortran-ordered (d, n) view of the row-major rows: BLAS reads them without a copy
+        U = torch.from_numpy(syrk(1.0, Xn.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1))
+        xx = U + U.mT
+        xx.diagonal().sub_(U.diagonal())
+        return xx, torch.from_numpy(gemm(1.0, Xn.T, Dn.T, trans_b=1))
+    Z = Xp.as_strided((Xp.shape[0], 2 * d), Xp.stride())  # the (n, 2d) buffer both halves live in
+    if path == "fused":
+        P = Xp.T @ Z
+        return P[:, :d], P[:, d:]
     h = d // 2
     P = torch.empty(d, 2 * d, dtype=Z.dtype, device=Z.device)
     P[:h] = Z[:, :h].T @ Z
     P[h:, h:] = Z[:, h:d].T @ Z[:, h:]
     P[h:, :h] = P[:h, h:d].T
-    return P
+    return P[:, :d], P[:, d:]
 
 
 def _tsqr_step(R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ghostsolve
@@ -186,3 +186,23 @@ def test_qr_on_stats_needs_the_tsqr_factor() -> None:
         ghostsolve.fit(_stats(case), solver="qr")
     f = ghostsolve.fit(_stats(case, qr=True), solver="qr")
     np.testing.assert_allclose(f.delta.numpy(), lstsq_delta(case.X, case.Y), atol=1e-10)
+
+
+@given(seed=st.integers(0, 2**31 - 1), spread=st.sampled_from([0.0, 2.0, 5.0]))
+@settings(max_examples=10, deadline=None)
+def test_condition_estimate_for_large_d_is_a_safe_side_estimate(seed: int, spread: float) -> None:
+    """LAPACK's 1-norm estimate: never below cond₂/3 (a usable lower side) and at most d·cond₂."""
+    from ghostsolve.solvers import estimate_condition
+
+    d = 160  # above the size at which the exact eigenvalues are used
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * d, d, generator=g, dtype=torch.float64) * torch.logspace(
+        0, spread, d, dtype=torch.float64
+    )
+    A = X.T @ X
+    e = np.linalg.eigvalsh(A.numpy())
+    k2 = e[-1] / e[0]
+    est = estimate_condition(A)
+    assert k2 / 3 <= est <= d * k2
+    choice = choose_solver(ghostsolve.Stats(d).update(X, X))
+    assert choice.factor is not None and torch.allclose(choice.factor @ choice.factor.T, A, rtol=1e-10)

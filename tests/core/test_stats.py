@@ -283,3 +283,64 @@ def test_nonfinite_rows_counted_over_the_whole_input() -> None:
     err = info.value
     assert (err.bad_rows, err.n_rows, err.first_row, err.where) == (2, 20, 13, "Y")
     assert isinstance(info.value, GhostsolveError)
+
+
+@pytest.mark.parametrize(
+    ("n", "d"),
+    [(40, 16), (2100, 300), (300, 800)],
+    ids=["fused-gemm", "half-gemm", "blas-syrk"],  # the three ways a chunk's products are computed
+)
+@pytest.mark.parametrize("pd", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_every_product_path_matches_numpy(n: int, d: int, pd: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(n + d)
+    X = torch.randn(n, d, generator=g)
+    Y = X + 0.3 * torch.randn(n, d, generator=g)
+    w = torch.rand(n, generator=g)
+    for weights in (None, w):
+        s = Stats(d, product_dtype=pd, magnitudes=False).update(X, Y, weights=weights)
+        Xn, Dn = X.double().numpy(), (Y.double() - X.double()).numpy()
+        if weights is not None:
+            Xn, Dn = Xn * np.sqrt(w.double().numpy())[:, None], Dn * np.sqrt(w.double().numpy())[:, None]
+        tol = 1e-12 if pd == torch.float64 else 3e-5
+        for got, ref in ((s.xtx, Xn.T @ Xn), (s.xtd, Xn.T @ Dn)):
+            np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=tol * np.abs(ref).max())
+        assert torch.allclose(s.xtx, s.xtx.T, rtol=0, atol=tol * float(s.xtx.abs().max()))
+        assert float(s.dtd) == pytest.approx(float((Dn**2).sum()), rel=tol)
+        assert float(s.yty) == pytest.approx(float(((Xn + Dn) ** 2).sum()), rel=tol)
+
+
+def test_for_families_keeps_only_what_is_needed() -> None:
+    case = make_case(14, 60, 12)
+    lean = Stats.for_families(12, ["full", "lowrank", "symmetric", "diagonal", "hadamard"])
+    assert (lean.magnitudes, lean.hadamard_magnitudes, lean.qr) == (False, False, False)
+    assert lean.x_abs_sum is None and lean.xh_abs_sum is None and lean.r_factor is None
+    plain = Stats.for_families(12, ["diagonal-magnitude"])
+    assert (plain.magnitudes, plain.hadamard_magnitudes) == (True, False) and plain.xh_abs_sum is None
+    rot = Stats.for_families(12, ["hadamard-magnitude"], solvers=["qr"])
+    assert (rot.magnitudes, rot.hadamard_magnitudes, rot.qr) == (False, True, True)
+    full = Stats(12, qr=True).update(case.X, case.Y)
+    for s, families in (
+        (lean, ["full", "hadamard"]),
+        (plain, ["diagonal-magnitude"]),
+        (rot, ["hadamard-magnitude"]),
+    ):
+        s.update(case.X, case.Y)
+        for family in families:
+            a, b = ghostsolve.fit(s, family=family), ghostsolve.fit(full, family=family)
+            assert torch.allclose(a.delta, b.delta, rtol=1e-12, atol=1e-12), family
+    with pytest.raises(
+        GhostsolveError,
+        match=r"family='hadamard-magnitude' needs the magnitude sums.*hadamard_magnitudes=False",
+    ):
+        ghostsolve.fit(plain, family="hadamard-magnitude")
+    with pytest.raises(GhostsolveError, match=r"unknown family 'ghost'; valid: identity"):
+        Stats.for_families(12, ["ghost"])
+    with pytest.raises(GhostsolveError, match=r"unknown solver 'lu'; valid: auto"):
+        Stats.for_families(12, ["full"], solvers=["lu"])
+    with pytest.raises(GhostsolveError, match="hadamard_magnitudes=True and hadamard_magnitudes=False"):
+        Stats(12) + Stats(12, hadamard_magnitudes=False)
+    again = Stats.from_state_dict(plain.state_dict())
+    assert again.settings() == plain.settings()
+    assert (
+        Stats(12).hadamard_magnitudes and not Stats(12, magnitudes=False).hadamard_magnitudes
+    )  # as before 0.2
