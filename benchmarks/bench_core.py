@@ -1,32 +1,43 @@
-"""Speed and memory of the core solver library (issue 2), measured side by side in one run.
+"""Speed and memory of the core solver library (issue 11), measured side by side, paired, in one run.
 
 Problem: N = 32768 rows, d = 1024, fp32 inputs fed in chunks of 4096 rows (override with the environment
-variables GHOSTSOLVE_BENCH_N / GHOSTSOLVE_BENCH_D for a quick look). Measured, each as the median of its
-rounds:
+variables GHOSTSOLVE_BENCH_N / GHOSTSOLVE_BENCH_D / GHOSTSOLVE_BENCH_ROUNDS for a quick look).
 
-* ``Stats`` accumulation throughput against a bare GEMM of the precision it computes in (fp64 default;
-  fp32 products in the fast mode), counting N·d² flops for the symmetric XᵀX and 2·N·d² for XᵀY against
-  2·N·d² for the bare ``XᵀX`` GEMM on chunks of the same shape;
-* the default fit (statistics + ``solver="auto"``) and the fast mode (``product_dtype=torch.float32``,
-  fp64 accumulation) against the reference pattern (concatenate all rows, cast to fp64, form XᵀX and XᵀΔ,
-  ``torch.linalg.solve``) and against ``numpy.linalg.lstsq`` in fp64, with the objectives compared;
+Every comparison runs its contenders in turn, A B A B … (round robin, one warm-up each), so that both
+see the same machine load; the ratio is formed within each round and its median and min–max over the
+rounds are printed, with the load average (``os.getloadavg``) before and after. Measured:
+
+* ``Stats`` accumulation throughput against a bare GEMM ``XᵀX`` on the same chunks (pre-cast) of the
+  precision it computes in (fp64 default; fp32 products in the fast mode). Flops are counted honestly:
+  N·d² for the symmetric XᵀX (what a rank-k update needs) and 2·N·d² for Xᵀ(Y−X), against 2·N·d² for the
+  bare GEMM; share = (3·N·d² / t_stats) / (2·N·d² / t_gemm);
+* the default fit (``Stats.for_families(d, ["full"])`` in fp64 + ``fit``, solver ``auto``) and the fast
+  mode (the same with ``product_dtype=torch.float32``, fp64 accumulation) against the reference pattern
+  (concatenate all rows, cast to fp64, form XᵀX and XᵀΔ, ``torch.linalg.solve``) and against
+  ``numpy.linalg.lstsq`` in fp64, with relative objective gaps computed on the materialized rows;
+* where the time of ``Stats.update`` and ``fit`` goes (cProfile, top operations) at d = 1024 (chunks of
+  4096) and at the real model's d = 576 (chunks of 4096 and 512);
 * peak extra memory of ``ghostsolve.fit(X, Y)`` at N = 8192 and 65536: in a fresh subprocess per
   measurement (Linux), after a warm-up fit on 2·d rows, the peak resident set size is reset
   (``/proc/self/clear_refs``) and the peak during the fit (``VmHWM``) minus the resident set size just
-  before it is reported (the inputs are already resident), next to the same figure for the reference
-  pattern.
+  before it is reported (the inputs are already resident), next to the same figure for the reference.
 
-Run: ``pytest benchmarks/bench_core.py -s`` (``nox -s bench``). Prints a table with the ratios.
+Run: ``pytest benchmarks/bench_core.py -s`` (``nox -s bench``). Prints one table with every target.
 """
 
 from __future__ import annotations
 
+import cProfile
 import json
 import os
+import pstats
+import statistics
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,10 +48,64 @@ import ghostsolve
 
 N = int(os.environ.get("GHOSTSOLVE_BENCH_N", "32768"))
 D = int(os.environ.get("GHOSTSOLVE_BENCH_D", "1024"))
+ROUNDS = int(os.environ.get("GHOSTSOLVE_BENCH_ROUNDS", "5"))
+LSTSQ_ROUNDS = max(1, min(ROUNDS, 2))  # numpy's lstsq takes tens of seconds per run at the full size
 CHUNK = 4096
-ROUNDS = 3
-RESULTS: dict[str, float] = {}
-EXTRA: dict[str, Any] = {}
+LINES: list[str] = []  # the report, printed at the end of the module
+
+# Targets of issue 11 (ratios of times measured in the same round).
+TARGETS = {
+    "default fit vs reference": 1.35,
+    "fast fit vs reference": 2.5,
+    "default fit vs lstsq": 3.0,
+    "fast fit vs lstsq": 8.0,
+    "Stats fp64 vs fp64 GEMM (share)": 0.80,
+    "Stats fast vs fp32 GEMM (share)": 0.80,
+}
+MAX_GAP = 1e-9
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.2f}/{five:.2f} (1/5 min) on {os.cpu_count()} CPUs"
+
+
+@dataclass
+class Rounds:
+    """Times of contenders measured round robin; ``ratio(a, b)`` is ``t_b / t_a`` within each round."""
+
+    times: dict[str, list[float]]
+    load_before: str
+    load_after: str
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.times[key])
+
+    def ratios(self, a: str, b: str) -> list[float]:
+        return [tb / ta for ta, tb in zip(self.times[a], self.times[b], strict=True)]
+
+
+def round_robin(contenders: dict[str, Callable[[], Any]], rounds: int) -> tuple[Rounds, dict[str, Any]]:
+    """Run each contender once (warm-up, result kept), then ``rounds`` rounds of all in turn."""
+    results = {k: f() for k, f in contenders.items()}
+    before = _load()
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for k, f in contenders.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return Rounds(times, before, _load()), results
+
+
+def _ratio_line(label: str, values: list[float], target: float | None, unit: str = "x") -> str:
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    fmt = (lambda v: f"{v:6.1%}") if unit == "%" else (lambda v: f"{v:5.2f}x")
+    verdict = ""
+    if target is not None:
+        verdict = f"  target ≥ {fmt(target).strip()}: " + ("met" if med >= target else "NOT met")
+    spread = f"(min–max {fmt(lo).strip()}–{fmt(hi).strip()}, {len(values)} rounds)"
+    return f"  {label:<34} {fmt(med)}  {spread}{verdict}"
 
 
 @pytest.fixture(scope="module")
@@ -50,92 +115,152 @@ def data() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     scales = torch.logspace(0, 1, D)
     W = torch.eye(D) + 0.05 * torch.randn(D, D, generator=g) / D**0.5
     xs, ys = [], []
-    for _ in range(N // CHUNK):
+    for _ in range(max(1, N // CHUNK)):
         x = torch.randn(CHUNK, D, generator=g) * scales
         xs.append(x)
         ys.append(x @ W + 0.1 * torch.randn(CHUNK, D, generator=g))
     return xs, ys
 
 
-def _run(benchmark: Any, key: str, fn: Any, rounds: int = ROUNDS) -> Any:
-    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-    RESULTS[key] = float(benchmark.stats.stats.median)
-    return out
-
-
 def _stats(xs: list[torch.Tensor], ys: list[torch.Tensor], **kw: Any) -> ghostsolve.Stats:
-    s = ghostsolve.Stats(D, **kw)
+    s = ghostsolve.Stats.for_families(xs[0].shape[1], ["full"], **kw)
     for x, y in zip(xs, ys, strict=True):
         s.update(x, y)
     return s
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_bare_gemm(benchmark: Any, data: Any, dtype: torch.dtype) -> None:
-    chunks = [x.to(dtype) for x in data[0]]
-
-    def run() -> None:
-        for x in chunks:
-            x.T @ x
-
-    _run(benchmark, f"gemm_{dtype}", run)
+def _fit_default(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> ghostsolve.Fit:
+    return ghostsolve.fit(_stats(xs, ys))
 
 
-STATS_VARIANTS = {
-    "stats_default": {},
-    "stats_lean": {"magnitudes": False},
-    "stats_fast": {"product_dtype": torch.float32},
-    "stats_fast_lean": {"product_dtype": torch.float32, "magnitudes": False},
-}
+def _fit_fast(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> ghostsolve.Fit:
+    return ghostsolve.fit(_stats(xs, ys, product_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("variant", list(STATS_VARIANTS))
-def test_stats(benchmark: Any, data: Any, variant: str) -> None:
-    _run(benchmark, variant, lambda: _stats(*data, **STATS_VARIANTS[variant]))
-
-
-def test_fit_default(benchmark: Any, data: Any) -> None:
-    """Statistics for the full operator (no magnitude sums, as fit(X, Y) builds them) + solver="auto"."""
-    f = _run(benchmark, "fit_default", lambda: ghostsolve.fit(_stats(*data, magnitudes=False)))
-    EXTRA["fit_default"] = f
-
-
-def test_fit_fast(benchmark: Any, data: Any) -> None:
-    f = _run(
-        benchmark,
-        "fit_fast",
-        lambda: ghostsolve.fit(_stats(*data, product_dtype=torch.float32, magnitudes=False)),
-    )
-    EXTRA["fit_fast"] = f
-    EXTRA["fast_mode_safe"] = f.diagnostics.fast_mode_safe
-
-
-def test_reference_pattern(benchmark: Any, data: Any) -> None:
-    xs, ys = data
-
-    def run() -> torch.Tensor:
-        X = torch.cat(xs).double()
-        Dl = torch.cat(ys).double() - X
-        return torch.linalg.solve(X.T @ X, X.T @ Dl)
-
-    EXTRA["reference_M"] = _run(benchmark, "reference", run)
-
-
-def test_numpy_lstsq(benchmark: Any, data: Any) -> None:
-    xs, ys = data
-
-    def run() -> np.ndarray:
-        X = torch.cat(xs).double().numpy()
-        Dl = torch.cat(ys).double().numpy() - X
-        return np.linalg.lstsq(X, Dl, rcond=None)[0]
-
-    M = _run(benchmark, "lstsq", run, rounds=2)
+def _reference(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     X = torch.cat(xs).double()
     Dl = torch.cat(ys).double() - X
-    EXTRA["lstsq_objective"] = float(((X @ torch.from_numpy(M) - Dl) ** 2).sum())
-    for key in ("fit_default", "fit_fast"):
-        if key in EXTRA:
-            EXTRA[f"{key}_objective"] = float(((X @ EXTRA[key].delta - Dl) ** 2).sum())
+    return torch.linalg.solve(X.T @ X, X.T @ Dl)
+
+
+def _lstsq(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> np.ndarray:
+    X = torch.cat(xs).double().numpy()
+    Dl = torch.cat(ys).double().numpy() - X
+    return np.linalg.lstsq(X, Dl, rcond=None)[0]
+
+
+def _gemm(chunks: list[torch.Tensor]) -> None:
+    for x in chunks:
+        x.T @ x
+
+
+@pytest.mark.parametrize("mode", ["fp64", "fast"])
+def test_stats_throughput(benchmark: Any, data: Any, mode: str) -> None:
+    xs, ys = data
+    dtype = torch.float64 if mode == "fp64" else torch.float32
+    chunks = [x.to(dtype) for x in xs]
+    kw = {} if mode == "fp64" else {"product_dtype": torch.float32}
+    contenders = {
+        "stats": lambda: _stats(xs, ys, **kw),
+        "gemm": lambda: _gemm(chunks),
+        "stats, all features": lambda: _stats_all(xs, ys, **kw),
+    }
+    rounds, _ = benchmark.pedantic(round_robin, args=(contenders, ROUNDS), rounds=1, iterations=1)
+    share = [1.5 * r for r in rounds.ratios("stats", "gemm")]
+    share_all = [1.5 * r for r in rounds.ratios("stats, all features", "gemm")]
+    name = "Stats fp64 vs fp64 GEMM (share)" if mode == "fp64" else "Stats fast vs fp32 GEMM (share)"
+    LINES.append(
+        f"Stats accumulation, {mode} ({rounds.load_before} → {rounds.load_after}); medians: Stats "
+        f"{rounds.median('stats'):.3f} s, bare {dtype} GEMM XᵀX {rounds.median('gemm'):.3f} s, "
+        f"Stats with every feature {rounds.median('stats, all features'):.3f} s"
+    )
+    LINES.append(_ratio_line(name, share, TARGETS[name], unit="%"))
+    LINES.append(_ratio_line("  (with magnitude sums, informative)", share_all, None, unit="%"))
+
+
+def _stats_all(xs: list[torch.Tensor], ys: list[torch.Tensor], **kw: Any) -> ghostsolve.Stats:
+    s = ghostsolve.Stats(xs[0].shape[1], **kw)  # magnitudes and Hadamard magnitudes, as Stats() defaults
+    for x, y in zip(xs, ys, strict=True):
+        s.update(x, y)
+    return s
+
+
+def _gap(xs: list[torch.Tensor], ys: list[torch.Tensor], M: torch.Tensor, ref: float) -> float:
+    X = torch.cat(xs).double()
+    Dl = torch.cat(ys).double() - X
+    return (float(((X @ M.double() - Dl) ** 2).sum()) - ref) / ref
+
+
+def test_fits_vs_reference(benchmark: Any, data: Any) -> None:
+    xs, ys = data
+    contenders = {
+        "reference": lambda: _reference(xs, ys),
+        "default": lambda: _fit_default(xs, ys),
+        "fast": lambda: _fit_fast(xs, ys),
+    }
+    rounds, out = benchmark.pedantic(round_robin, args=(contenders, ROUNDS), rounds=1, iterations=1)
+    LINES.append(
+        f"fits vs the reference pattern ({rounds.load_before} → {rounds.load_after}); medians: reference "
+        f"{rounds.median('reference'):.3f} s, default fit {rounds.median('default'):.3f} s, fast fit "
+        f"{rounds.median('fast'):.3f} s; fast_mode_safe={out['fast'].diagnostics.fast_mode_safe}"
+    )
+    for key in ("default", "fast"):
+        name = f"{key} fit vs reference"
+        LINES.append(_ratio_line(name, rounds.ratios(key, "reference"), TARGETS[name]))
+
+
+def test_fits_vs_lstsq(benchmark: Any, data: Any) -> None:
+    xs, ys = data
+    contenders = {
+        "lstsq": lambda: _lstsq(xs, ys),
+        "default": lambda: _fit_default(xs, ys),
+        "fast": lambda: _fit_fast(xs, ys),
+    }
+    rounds, out = benchmark.pedantic(round_robin, args=(contenders, LSTSQ_ROUNDS), rounds=1, iterations=1)
+    X = torch.cat(xs).double()
+    ref = float(((X @ torch.from_numpy(out["lstsq"]) - (torch.cat(ys).double() - X)) ** 2).sum())
+    LINES.append(
+        f"fits vs numpy.linalg.lstsq (fp64) ({rounds.load_before} → {rounds.load_after}); medians: lstsq "
+        f"{rounds.median('lstsq'):.2f} s, default {rounds.median('default'):.3f} s, fast "
+        f"{rounds.median('fast'):.3f} s"
+    )
+    for key in ("default", "fast"):
+        name = f"{key} fit vs lstsq"
+        LINES.append(_ratio_line(name, rounds.ratios(key, "lstsq"), TARGETS[name]))
+        gap = _gap(xs, ys, out[key].delta, ref)
+        verdict = "met" if abs(gap) <= MAX_GAP else "NOT met"
+        LINES.append(
+            f"  objective gap, {key} fit vs lstsq:  {gap:+.2e} (target |gap| ≤ {MAX_GAP:g}: {verdict})"
+        )
+
+
+def _profile(d: int, chunk: int, n: int, mode: str) -> list[str]:
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(chunk, d, generator=g) for _ in range(max(1, n // chunk))]
+    ys = [x + 0.1 * torch.randn(chunk, d, generator=g) for x in xs]
+    kw = {} if mode == "fp64" else {"product_dtype": torch.float32}
+    ghostsolve.fit(_stats(xs[:1], ys[:1], **kw))  # warm-up: thread pools, caches
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    ghostsolve.fit(_stats(xs, ys, **kw))
+    prof.disable()
+    total = time.perf_counter() - t0
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:8]  # type: ignore[attr-defined]
+    out = [f"  d={d}, chunks of {chunk}, N={n}, {mode}: {total:.3f} s ({_load()}); top self times:"]
+    for (fname, line, func), (_, ncalls, tottime, _, _) in rows:
+        where = f"{os.path.basename(fname)}:{line}" if line else "torch/C"
+        out.append(f"    {tottime:7.3f} s {tottime / total:6.1%} {ncalls:6d} calls  {func} ({where})")
+    return out
+
+
+def test_profile() -> None:
+    """Where Stats.update + fit spend their time (cProfile self time; torch ops appear by name)."""
+    LINES.append("profile (Stats.for_families(d, ['full']) over all chunks, then fit):")
+    for d, chunk, n in ((D, CHUNK, N), (576, 4096, min(N, 16384)), (576, 512, min(N, 16384))):
+        for mode in ("fp64", "fast"):
+            LINES.extend(_profile(d, chunk, n, mode))
 
 
 _MEMORY_SCRIPT = textwrap.dedent(
@@ -179,10 +304,12 @@ def _extra_memory(n: int, mode: str) -> float:
     not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset VmHWM"
 )
 def test_peak_extra_memory() -> None:
+    mem = {(n, mode): _extra_memory(n, mode) for n in (8192, 65536) for mode in ("ghostsolve", "reference")}
+    LINES.append("peak extra memory (VmHWM during the fit − RSS before it, fresh process, MiB):")
     for n in (8192, 65536):
-        for mode in ("ghostsolve", "reference"):
-            EXTRA[f"mem_{mode}_{n}"] = _extra_memory(n, mode)
-    small, large = EXTRA["mem_ghostsolve_8192"], EXTRA["mem_ghostsolve_65536"]
+        ours, ref = mem[(n, "ghostsolve")], mem[(n, "reference")]
+        LINES.append(f"  N={n:<6} ghostsolve.fit {ours:8.1f}   reference {ref:8.1f}")
+    small, large = mem[(8192, "ghostsolve")], mem[(65536, "ghostsolve")]
     # O(d²): the fit's working set must not scale with N (8× more rows here)
     assert large < 2 * small + 64
 
@@ -190,61 +317,9 @@ def test_peak_extra_memory() -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _table() -> Iterator[None]:
     yield
-    print("\n" + report())
-
-
-def report() -> str:
-    """The measured figures and ratios as a text table."""
-    r = RESULTS
-    lines = [
-        f"ghostsolve core benchmark: N={N}, d={D}, fp32 chunks of {CHUNK} rows, "
-        f"{torch.get_num_threads()} torch threads (medians)"
-    ]
-
-    def rate(key: str, flops: float) -> float:
-        return flops / r[key] / 1e9
-
-    counted = 3.0 * N * D * D
-    gemm = 2.0 * N * D * D
-    for key, gk, label in (
-        ("stats_default", "gemm_torch.float64", "Stats() fp64"),
-        ("stats_lean", "gemm_torch.float64", "Stats(magnitudes=False)"),
-        ("stats_fast", "gemm_torch.float32", "Stats fast (fp32 prod.)"),
-        ("stats_fast_lean", "gemm_torch.float32", "Stats fast, no magn."),
-    ):
-        if key in r and gk in r:
-            s, g = rate(key, counted), rate(gk, gemm)
-            lines.append(
-                f"  {label:<24} {r[key]:8.3f} s  {s:7.1f} GFLOP/s  vs bare {gk[-7:]} GEMM {g:7.1f} GFLOP/s"
-                f"  -> {s / g:6.1%}"
-            )
-    for key, label in (("fit_default", "default fit"), ("fit_fast", "fast-mode fit")):
-        if key in r:
-            parts = [f"  {label:<22} {r[key]:8.3f} s"]
-            if "reference" in r:
-                parts.append(f"reference/{key.split('_')[1]} = {r['reference'] / r[key]:5.2f}x")
-            if "lstsq" in r:
-                parts.append(f"lstsq/{key.split('_')[1]} = {r['lstsq'] / r[key]:5.2f}x")
-            lines.append("  ".join(parts))
-    if "reference" in r:
-        lines.append(
-            f"  reference pattern      {r['reference']:8.3f} s  (cat, fp64, XᵀX, XᵀΔ, torch.linalg.solve)"
-        )
-    if "lstsq" in r:
-        lines.append(f"  numpy.linalg.lstsq     {r['lstsq']:8.3f} s  (fp64)")
-    if "lstsq_objective" in EXTRA:
-        ref = EXTRA["lstsq_objective"]
-        for key in ("fit_default", "fit_fast"):
-            if f"{key}_objective" in EXTRA:
-                gap = (EXTRA[f"{key}_objective"] - ref) / ref
-                lines.append(f"  objective gap {key:<12} vs lstsq: {gap:+.2e} (relative)")
-    if "fast_mode_safe" in EXTRA:
-        lines.append(f"  diagnostics.fast_mode_safe on this data: {EXTRA['fast_mode_safe']}")
-    if "mem_ghostsolve_8192" in EXTRA:
-        lines.append("  peak extra memory (VmHWM during the fit − RSS before it, fresh process, MiB):")
-        for n in (8192, 65536):
-            lines.append(
-                f"    N={n:<6} ghostsolve.fit {EXTRA[f'mem_ghostsolve_{n}']:8.1f}   "
-                f"reference pattern {EXTRA[f'mem_reference_{n}']:8.1f}"
-            )
-    return "\n".join(lines)
+    head = (
+        f"ghostsolve core benchmark: N={N}, d={D}, fp32 chunks of {CHUNK} rows, {torch.get_num_threads()} "
+        f"torch threads, {ROUNDS} paired rounds ({LSTSQ_ROUNDS} with lstsq); ratios are per-round "
+        "speed-ups (median, min–max)"
+    )
+    print("\n" + "\n".join([head, *LINES]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from .diagnostics import Diagnostics, PrecisionTable, compare_precisions, diagnose
-from .errors import GhostsolveError, IllConditionedWarning, NumericalError
+from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError, NumericalError
 from .families import FAMILIES
 from .fit import Fit, FitDiagnostics, fit, ridge_path
 from .solvers import SOLVERS, SolverChoice, choose_solver
@@ -32,6 +32,7 @@ __all__ = [
     "FitDiagnostics",
     "GhostsolveError",
     "IllConditionedWarning",
+    "NonFiniteInputError",
     "NumericalError",
     "PrecisionTable",
     "SolverChoice",

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .errors import GhostsolveError, IllConditionedWarning
-from .families import MAGNITUDE
-from .solvers import SOLVERS, choose_solver, kappa_safe, rank_cutoff, relative_lambda
+from .families import stats_features
+from .solvers import SOLVERS, check_ridge, choose_solver, kappa_safe, rank_cutoff, relative_lambda
 from .stats import Stats
 
 __all__ = ["Diagnostics", "PrecisionRow", "PrecisionTable", "compare_precisions", "diagnose"]
@@ -25,7 +25,7 @@ class Diagnostics:
     Attributes
     ----------
     dim, n_rows
-        Hidden size and (weighted) row count.
+        Hidden size and the number of rows with a nonzero weight.
     ridge : float
         The relative ridge the report assumes.
     eigenvalues : (d,) float64 tensor
@@ -40,7 +40,7 @@ class Diagnostics:
         Largest channel RMS over the median channel RMS: ≫ 1 flags outlier channels, the usual cause of
         ill-conditioning in LLM activations.
     recommended_solver : str
-        What ``solver="auto"`` picks in float64 with the raw rows available.
+        What ``solver="auto"`` picks in ``recommended_dtype`` with the raw rows available.
     recommended_dtype : torch.dtype
         float32 when ``qr`` (or cholesky) is safe in float32 (:func:`ghostsolve.solvers.kappa_safe`),
         else float64.
@@ -51,7 +51,7 @@ class Diagnostics:
     """
 
     dim: int
-    n_rows: float
+    n_rows: int
     ridge: float
     eigenvalues: torch.Tensor = field(repr=False)
     condition_gram: float
@@ -85,7 +85,41 @@ def _stats_of(X_or_stats: Any, Y: Any = None) -> Stats:
         if Y is not None:
             raise GhostsolveError("diagnose(stats) takes no Y: the statistics already hold it")
         return X_or_stats
-    return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False)
+    return accumulate(X_or_stats, X_or_stats if Y is None else Y, magnitudes=False, hadamard_magnitudes=False)
+
+
+def _precision_advice(kappa: float) -> tuple[torch.dtype, list[str]]:
+    """The working precision ``diagnose`` recommends for ``cond(XᵀX + λI) = kappa``, with its reason."""
+    safe32 = kappa_safe(torch.float32)
+    if kappa <= safe32:
+        return torch.float32, ["well conditioned: float32 with any solver is safe"]
+    if math.sqrt(kappa) <= safe32:
+        return torch.float32, [
+            f"float32 is safe only with solver='qr' (cond(X) ≈ {math.sqrt(kappa):.2g}); cholesky in float32 "
+            f"works on cond(XᵀX) ≈ {kappa:.2g} > {safe32:.2g}"
+        ]
+    return torch.float64, [
+        f"use float64: even cond(X) ≈ {math.sqrt(kappa):.2g} exceeds the float32 limit {safe32:.2g}"
+    ]
+
+
+def _data_notes(stats: Stats, ridge: float, eff: int, ratio: float) -> list[str]:
+    """Advice on the amount of data, its rank and its outlier channels."""
+    d = stats.dim
+    notes = []
+    if stats.n_rows < d and ridge == 0:
+        notes.append(
+            f"fewer rows ({stats.n_rows:g}) than d={d}: use solver='svd' (minimum norm) or ridge>0, "
+            "or collect more calibration tokens"
+        )
+    elif eff < d:
+        notes.append(f"X is numerically rank-deficient ({eff} of {d}); solver='svd' or ridge>0 is advisable")
+    if ratio > 100:
+        notes.append(
+            f"outlier channels: the largest channel RMS is {ratio:.3g}× the median; they dominate XᵀX "
+            "and raise its condition number"
+        )
+    return notes
 
 
 def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnostics:
@@ -115,7 +149,9 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     Computes the full eigendecomposition of ``XᵀX`` in float64: ``O(d³)``, seconds for ``d`` in the
     thousands.
     """
+    ridge = check_ridge(ridge)
     stats = _stats_of(X_or_stats, Y)
+    stats.check_statistics()
     if stats.n_rows <= 0:
         raise GhostsolveError("the statistics hold no rows (n_rows=0); nothing to diagnose")
     d = stats.dim
@@ -129,35 +165,11 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     rms = torch.diagonal(stats.xtx).double().clamp_min(0).sqrt()
     med = float(rms.median())
     ratio = float(rms.max()) / med if med > 0 else math.inf
-    choice = choose_solver(stats, dtype=torch.float64, ridge=ridge, raw_data=True)
+    dtype, notes = _precision_advice(kappa)
+    # the solver for the recommended dtype, so that the header and the notes give one consistent advice
+    choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=True)
+    notes += _data_notes(stats, ridge, eff, ratio)
     safe32 = kappa_safe(torch.float32)
-    notes: list[str] = []
-    if kappa <= safe32:
-        dtype = torch.float32
-        notes.append("well conditioned: float32 with any solver is safe")
-    elif math.sqrt(kappa) <= safe32:
-        dtype = torch.float32
-        notes.append(
-            f"float32 is safe only with solver='qr' (cond(X) ≈ {math.sqrt(kappa):.2g}); cholesky in float32 "
-            f"works on cond(XᵀX) ≈ {kappa:.2g} > {safe32:.2g}"
-        )
-    else:
-        dtype = torch.float64
-        notes.append(
-            f"use float64: even cond(X) ≈ {math.sqrt(kappa):.2g} exceeds the float32 limit {safe32:.2g}"
-        )
-    if stats.n_rows < d and ridge == 0:
-        notes.append(
-            f"fewer rows ({stats.n_rows:g}) than d={d}: use solver='svd' (minimum norm) or ridge>0, "
-            "or collect more calibration tokens"
-        )
-    elif eff < d:
-        notes.append(f"X is numerically rank-deficient ({eff} of {d}); solver='svd' or ridge>0 is advisable")
-    if ratio > 100:
-        notes.append(
-            f"outlier channels: the largest channel RMS is {ratio:.3g}× the median; they dominate XᵀX "
-            "and raise its condition number"
-        )
     fast_ok = kappa <= safe32
     notes.append(
         "fast mode (Stats(product_dtype=torch.float32)) is "
@@ -185,7 +197,8 @@ class PrecisionRow:
 
     ``objective_gap`` is ``(f(M) − f(M_ref)) / f(M_ref)`` with ``f`` evaluated in float64 on the
     reference statistics (negative values are rounding); ``normal_equation_residual`` is
-    ``‖(XᵀX+λI)M − Xᵀ(Y−X)‖ / ‖XᵀY‖`` in float64; ``seconds`` covers statistics and solve.
+    ``‖(XᵀX+λI)M − Xᵀ(Y−X)‖ / ‖XᵀY‖`` in float64; ``seconds`` covers the statistics of the row's
+    precision (built once per precision and shared by its solvers) and the solve.
     """
 
     solver: str
@@ -236,6 +249,39 @@ class PrecisionTable:
         return out
 
 
+def _precision_row(
+    stats: Stats,
+    ref_stats: Stats,
+    ref: Any,
+    solver: str,
+    dtype: torch.dtype,
+    family: str,
+    ridge: float,
+    shared_seconds: float,
+) -> PrecisionRow:
+    """One solver in one precision, measured on the float64 reference statistics."""
+    from .fit import fit
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IllConditionedWarning)
+            f = fit(stats, family=family, solver=solver, ridge=ridge, dtype=dtype)
+    except GhostsolveError as exc:
+        seconds = shared_seconds + time.perf_counter() - t0
+        return PrecisionRow(solver, dtype, "-", math.nan, math.nan, seconds, False, str(exc))
+    seconds = shared_seconds + time.perf_counter() - t0
+    M = f.delta.double().to(ref_stats.device)
+    obj = f.objective_on(ref_stats)
+    gap = (obj - ref.objective) / ref.objective if ref.objective > 0 else obj
+    res = float(torch.linalg.matrix_norm(ref_stats.xtx @ M + ref.lam * M - ref_stats.xtd))
+    xty_norm = float(torch.linalg.matrix_norm(ref_stats.xty))
+    warned = any(issubclass(w.category, IllConditionedWarning) for w in caught)
+    return PrecisionRow(
+        solver, dtype, f.solver, gap, res / xty_norm if xty_norm > 0 else res, seconds, warned
+    )
+
+
 def compare_precisions(
     X: Any,
     Y: Any,
@@ -276,39 +322,28 @@ def compare_precisions(
     for s in solvers:
         if s not in SOLVERS:
             raise GhostsolveError(f"unknown solver {s!r}; valid solvers: {', '.join(SOLVERS)}")
-    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, magnitudes=family in MAGNITUDE)
+    features = stats_features([family])
+    features.pop("qr")
+    ref_stats = accumulate(X, Y, weights, dtype=torch.float64, qr=True, **features)
     ref = fit(ref_stats, family=family, solver="svd", ridge=ridge)
     ref_obj = ref.objective
-    G = ref_stats.xtx
-    B = ref_stats.xtd
-    xty_norm = float(torch.linalg.matrix_norm(ref_stats.xty))
     rows = []
     for dtype in (torch.float32, torch.float64):
+        built: dict[bool, tuple[Stats | str, float]] = {}
         for s in solvers:
-            t0 = time.perf_counter()
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", IllConditionedWarning)
-                    f = fit(X, Y, family=family, solver=s, ridge=ridge, dtype=dtype, weights=weights)
-            except GhostsolveError as exc:
-                rows.append(
-                    PrecisionRow(s, dtype, "-", math.nan, math.nan, time.perf_counter() - t0, False, str(exc))
-                )
-                continue
-            seconds = time.perf_counter() - t0
-            M = f.delta.double().to(G.device)
-            obj = f.objective_on(ref_stats)
-            gap = (obj - ref_obj) / ref_obj if ref_obj > 0 else obj
-            res = float(torch.linalg.matrix_norm(G @ M + ref.lam * M - B))
-            rows.append(
-                PrecisionRow(
-                    s,
-                    dtype,
-                    f.solver,
-                    gap,
-                    res / xty_norm if xty_norm > 0 else res,
-                    seconds,
-                    any(issubclass(w.category, IllConditionedWarning) for w in caught),
-                )
-            )
+            # statistics of this precision (sums and products), shared by its solvers; with the TSQR
+            # factor only for the solvers that use it, as fit(X, Y, solver=s) would build them
+            qr = s in ("qr", "svd", "auto")
+            if qr not in built:
+                t0 = time.perf_counter()
+                try:
+                    made: Stats | str = accumulate(X, Y, weights, dtype=dtype, qr=qr, **features)
+                except GhostsolveError as exc:
+                    made = str(exc)
+                built[qr] = (made, time.perf_counter() - t0)
+            stats, shared = built[qr]
+            if isinstance(stats, str):
+                rows.append(PrecisionRow(s, dtype, "-", math.nan, math.nan, shared, False, stats))
+            else:
+                rows.append(_precision_row(stats, ref_stats, ref, s, dtype, family, ridge, shared))
     return PrecisionTable(tuple(rows), ref_obj, family, float(ridge))

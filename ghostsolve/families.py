@@ -30,16 +30,17 @@ differs most when ``Y`` has components uncorrelated with ``X`` (noise inflates `
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import GhostsolveError
 from .hadamard import apply_hadamard, hadamard_matrix
-from .solvers import Problem, Solution, eig_decompose, rank_cutoff, solve
+from .solvers import SOLVERS, Problem, Solution, eig_decompose, rank_cutoff, solve, split_r
 from .stats import Stats
 
-__all__ = ["CLOSED_FORM", "FAMILIES", "FamilyResult", "solve_family"]
+__all__ = ["CLOSED_FORM", "FAMILIES", "FamilyResult", "solve_family", "stats_features"]
 
 FAMILIES: tuple[str, ...] = (
     "identity",
@@ -54,16 +55,35 @@ FAMILIES: tuple[str, ...] = (
     "full",
 )
 # Families whose optimum is a formula in the statistics: no solver is involved.
-CLOSED_FORM = (
-    "identity",
-    "scalar",
-    "scalar-magnitude",
-    "diagonal",
-    "diagonal-magnitude",
-    "hadamard",
-    "hadamard-magnitude",
-)
+CLOSED_FORM = tuple(f for f in FAMILIES if f not in ("lowrank", "symmetric", "full"))
 MAGNITUDE = ("scalar-magnitude", "diagonal-magnitude", "hadamard-magnitude")
+# The optional statistics (Stats keyword → families or solvers that need it); everything else a family
+# needs (XᵀX, Xᵀ(Y−X), ‖Y−X‖², counts) is always kept.
+_FEATURES = {
+    "magnitudes": ("scalar-magnitude", "diagonal-magnitude"),
+    "hadamard_magnitudes": ("hadamard-magnitude",),
+    "qr": ("qr", "svd"),
+}
+
+
+def stats_features(families: Iterable[str], solvers: Iterable[str] = ()) -> dict[str, bool]:
+    """The :class:`~ghostsolve.Stats` feature flags that fitting ``families`` with ``solvers`` needs.
+
+    ``magnitudes`` for ``scalar-magnitude``/``diagonal-magnitude``, ``hadamard_magnitudes`` for
+    ``hadamard-magnitude``, ``qr`` (the TSQR factor) for the ``qr`` and ``svd`` solvers.
+
+    Raises
+    ------
+    GhostsolveError
+        An unknown family or solver name.
+    """
+    fams, sols = list(families), list(solvers)
+    for name, valid, what in ((fams, FAMILIES, "family"), (sols, SOLVERS, "solver")):
+        bad = [n for n in name if n not in valid]
+        if bad:
+            raise GhostsolveError(f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}")
+    wanted = set(fams) | set(sols)
+    return {flag: bool(wanted & set(users)) for flag, users in _FEATURES.items()}
 
 
 @dataclass
@@ -94,16 +114,18 @@ def _hadamard_operator(m: torch.Tensor) -> torch.Tensor:
 
 
 def _magnitude_sums(stats: Stats, family: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not stats.magnitudes or stats.x_abs_sum is None or stats.y_abs_sum is None:
+    flag = "hadamard_magnitudes" if family == "hadamard-magnitude" else "magnitudes"
+    if not getattr(stats, flag):
         raise GhostsolveError(
-            f"family={family!r} needs the magnitude sums, but these Stats were built with magnitudes=False; "
-            "rebuild them with Stats(dim, magnitudes=True) (the default)"
+            f"family={family!r} needs the magnitude sums, but these Stats were built with {flag}=False; "
+            f"rebuild them with Stats.for_families(dim, [{family!r}, ...]) or Stats(dim, {flag}=True)"
         )
     if family == "hadamard-magnitude":
         if stats.xh_abs_sum is None or stats.yh_abs_sum is None:
             hadamard_matrix(stats.dim)  # raises the message naming supported sizes
             raise AssertionError("unreachable")  # pragma: no cover
         return stats.xh_abs_sum, stats.yh_abs_sum
+    assert stats.x_abs_sum is not None and stats.y_abs_sum is not None
     return stats.x_abs_sum, stats.y_abs_sum
 
 
@@ -170,9 +192,7 @@ def _symmetric(p: Problem, solver: str) -> FamilyResult:
     if solver in ("svd", "qr") and p.R is not None:
         # eigenpairs of G + λI from the SVD of the (ridge-augmented) R: eigenvalues to eps · s_max², not
         # eps · ‖G‖, so small ones stay resolved
-        from .solvers import _split_r
-
-        R11, _ = _split_r(p)
+        R11, _ = split_r(p)
         _, s, Vh = torch.linalg.svd(R11, full_matrices=True)
         e = torch.zeros(d, dtype=p.dtype, device=s.device)
         e[: s.numel()] = s**2

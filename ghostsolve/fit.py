@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import torch
 
-from .errors import GhostsolveError
-from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family
+from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError
+from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family, stats_features
 from .solvers import (
     SOLVERS,
     Problem,
     check_full_rank,
+    check_ridge,
     choose_solver,
     eig_decompose,
     eig_solution,
+    eps,
     estimate_condition,
     kappa_safe,
     make_problem,
     rank_cutoff,
 )
-from .stats import Stats, _check_dtype, as_tensor
+from .stats import Stats, as_rows, as_tensor, as_weights, check_dtype, check_finite
 
 __all__ = ["Fit", "FitDiagnostics", "fit", "ridge_path"]
 
@@ -50,8 +55,14 @@ class FitDiagnostics:
     effective_rank : int
         Directions of ``X`` above the rank cutoff of the working dtype.
     normal_equation_residual : float
-        ``‖(XᵀX + λI) M − Xᵀ(Y − X)‖ / ‖XᵀY‖`` (Frobenius, float64); with ``λ = 0`` this is
-        ``‖Xᵀ(X W − Y)‖ / ‖XᵀY‖``. Machine-precision small for ``full``; not zero for constrained families.
+        ``‖(XᵀX + λI) M − Xᵀ(Y − X)‖ / ‖XᵀY‖`` (Frobenius, float64, from the statistics); with ``λ = 0``
+        this is ``‖Xᵀ(X W − Y)‖ / ‖XᵀY‖``. Machine-precision small for ``full``; not zero for constrained
+        families.
+    objective_uncertainty : float
+        Estimated rounding error ``δ`` of :attr:`Fit.objective` from the precision of the statistics:
+        ``c · u · (‖XᵀX‖₁ ‖M‖² + 2 ‖Xᵀ(Y−X)‖ ‖M‖ + ‖Y − X‖²)`` with ``u`` the unit roundoff of the
+        statistics' sums or products (whichever is coarser) and ``c = 8 (sqrt(n_rows) + d)``. An objective
+        below ``δ`` is not resolved and is reported as the upper bound ``max(value, 0) + δ``.
     skew_share : float
         ``‖M − Mᵀ‖ / (2‖M‖)``: 0 for symmetric ``M``; the share no symmetric family can reach.
     notes : list of str
@@ -70,8 +81,10 @@ class FitDiagnostics:
         dtype: torch.dtype,
         eigenvalues: torch.Tensor | None,
         rank: int | None,
+        evaluation: Evaluation | None = None,
     ) -> None:
         self._stats = stats
+        self._evaluation = evaluation
         self._lam = lam
         self._delta = delta
         self.notes = list(notes)
@@ -107,8 +120,20 @@ class FitDiagnostics:
         cut = rank_cutoff(e.shape[0], self._dtype, from_gram=True) ** 2
         return int((e > cut * float(e[-1])).sum())
 
+    @property
+    def objective_uncertainty(self) -> float:
+        return self.evaluation.uncertainty
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The objective's raw value, uncertainty and normal-equation residual (float64)."""
+        assert self._evaluation is not None
+        return self._evaluation
+
     @functools.cached_property
     def normal_equation_residual(self) -> float:
+        if self._evaluation is not None:
+            return self._evaluation.ne_residual
         M = self._delta().double()
         G = self._stats.xtx.double()
         B = self._stats.xtd.double()
@@ -133,6 +158,7 @@ class FitDiagnostics:
             "condition_estimate": self.condition_estimate,
             "effective_rank": self.effective_rank,
             "normal_equation_residual": self.normal_equation_residual,
+            "objective_uncertainty": self.objective_uncertainty,
             "skew_share": self.skew_share,
             "fast_mode_safe": self.fast_mode_safe,
             "notes": list(self.notes),
@@ -163,8 +189,11 @@ class Fit:
         ``objective / Σ_rows ‖y − x‖²`` (1 for ``identity``). When ``Y == X`` exactly there is nothing to
         recover: 0 if the fit is exact too, ``inf`` otherwise.
     diagnostics : FitDiagnostics
-    n_rows : float
-        Weighted number of rows the statistics hold.
+    n_rows : int
+        Rows with a nonzero weight the statistics hold (before 0.2: the weighted sum, now
+        :attr:`weight_sum`).
+    weight_sum : float
+        ``Σ w`` over those rows (equal to ``n_rows`` for unweighted rows and 0/1 masks).
     """
 
     family: str
@@ -176,8 +205,9 @@ class Fit:
     objective: float
     relative_residual: float
     diagnostics: FitDiagnostics = field(repr=False)
-    n_rows: float
+    n_rows: int
     dim: int
+    weight_sum: float = 0.0
     _delta: torch.Tensor | None = field(repr=False, default=None)
     _factors: tuple[torch.Tensor, torch.Tensor] | None = field(repr=False, default=None)
 
@@ -201,17 +231,32 @@ class Fit:
         """``(U, V)`` with ``M = U Vᵀ`` (each ``(d, r)``) for ``lowrank``; ``None`` otherwise."""
         return self._factors
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """``h W`` for ``h`` of shape ``(..., d)``, in ``h``'s dtype and device.
+    @overload
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    @overload
+    def __call__(self, h: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, h: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """``h W`` for ``h`` of shape ``(..., d)``, in ``h``'s dtype, device and kind.
+
+        A tensor gives a tensor (differentiable in ``h``); a numpy array gives a numpy array of its dtype.
         Computed as ``h + h M`` so the identity part is exact in low precision.
 
         Raises
         ------
         GhostsolveError
-            When ``h.shape[-1] != d``.
+            When ``h`` is not a float tensor or array, or ``h.shape[-1] != d``.
         """
-        if h.shape[-1] != self.dim:
+        if isinstance(h, np.ndarray):
+            out = self(as_tensor(h, "h"))
+            return out.numpy().astype(h.dtype, copy=False)
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise GhostsolveError(
+                f"h must be a float torch.Tensor or numpy array (..., {self.dim}), got "
+                f"{type(h).__name__}{' of dtype ' + str(h.dtype) if isinstance(h, torch.Tensor) else ''}"
+            )
+        if h.dim() == 0 or h.shape[-1] != self.dim:
             raise GhostsolveError(
                 f"h is {tuple(h.shape)} but this Fit has d={self.dim}; h must be (..., {self.dim})"
             )
@@ -222,58 +267,95 @@ class Fit:
 
     def objective_on(self, stats: Stats) -> float:
         """``Σ ‖x W − y‖²`` of this operator on the rows summarized by other ``stats`` (e.g. held out)."""
+        if not isinstance(stats, Stats):
+            raise GhostsolveError(f"objective_on needs Stats, got {type(stats).__name__}")
         if stats.dim != self.dim:
             raise GhostsolveError(f"stats have dim {stats.dim} but this Fit has d={self.dim}")
-        return _objective(stats, self._delta, self._factors)
+        stats.check_statistics()
+        return evaluate(stats, self.delta, 0.0).objective
 
     def __repr__(self) -> str:
         return (
             f"Fit(family={self.family!r}, solver={self.solver!r}, dtype={self.dtype}, ridge={self.ridge:g}, "
-            f"rank={self.rank}, d={self.dim}, n_rows={self.n_rows:g}, objective={self.objective:.6g}, "
+            f"rank={self.rank}, d={self.dim}, n_rows={self.n_rows}, objective={self.objective:.6g}, "
             f"relative_residual={self.relative_residual:.6g})"
         )
 
 
-def _objective(
-    stats: Stats, delta: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None
-) -> float:
-    """``Σ ‖x M − (y − x)‖²`` in float64, through ``R`` when known (no cancellation), else the Gram form."""
-    d = stats.dim
+@dataclass(frozen=True)
+class Evaluation:
+    """An operator measured on statistics (float64): what :attr:`Fit.objective` and its checks report.
+
+    Attributes
+    ----------
+    value : float
+        ``Σ ‖x M − (y − x)‖²`` as computed (through ``R`` when known, else ``tr(Mᵀ(GM − 2B)) + ‖D‖²``).
+    uncertainty : float
+        Estimated rounding error ``δ`` of ``value`` (see :class:`FitDiagnostics`).
+    ne_residual : float
+        ``‖(G + λI) M − B‖ / ‖XᵀY‖``.
+    low_precision : bool
+        Whether the statistics were summed or multiplied in less than float64.
+    """
+
+    value: float
+    uncertainty: float
+    ne_residual: float
+    low_precision: bool
+
+    @property
+    def resolved(self) -> bool:
+        return self.value >= self.uncertainty
+
+    @property
+    def objective(self) -> float:
+        """``value`` when resolved, else the upper bound ``max(value, 0) + δ``: never below the truth."""
+        return self.value if self.resolved else max(self.value, 0.0) + self.uncertainty
+
+
+def evaluate(stats: Stats, M: torch.Tensor, lam: float) -> Evaluation:
+    """Objective, its rounding uncertainty and the normal-equation residual of ``M`` on ``stats``.
+
+    One ``d × d`` product ``G M`` in float64 serves both the Gram-form objective and the residual.
+    """
     dev = stats.device
-    if stats.r_factor is not None:
-        R = stats.r_factor.double()
-        if factors is not None:
-            U, V = (t.to(dtype=torch.float64, device=dev) for t in factors)
-            fitted = (R[:, :d] @ U) @ V.T
-        else:
-            assert delta is not None
-            fitted = R[:, :d] @ delta.to(dtype=torch.float64, device=dev)
-        return float(torch.linalg.matrix_norm(fitted - R[:, d:]) ** 2)
-    M = (factors[0] @ factors[1].T) if factors is not None else delta
-    assert M is not None
     M = M.to(dtype=torch.float64, device=dev)
     G = stats.xtx.double()
     B = stats.xtd.double()
-    # ‖XM − D‖² = tr(MᵀGM) − 2 tr(MᵀB) + ‖D‖²; rounding can leave a tiny negative value at an exact fit.
-    value = float((M * (G @ M - 2 * B)).sum() + stats.dtd.double())
-    return max(value, 0.0)
+    dtd = float(stats.dtd)
+    GM = G @ M
+    if stats.r_factor is not None:
+        # through R: a sum of squares, no cancellation
+        R = stats.r_factor.double()
+        d = stats.dim
+        value = float(torch.linalg.matrix_norm(R[:, :d] @ M - R[:, d:]) ** 2)
+    else:
+        value = float((M * (GM - 2 * B)).sum()) + dtd
+    res = GM.add_(M, alpha=lam).sub_(B)
+    den = float(torch.linalg.matrix_norm(G + B))
+    ne = float(torch.linalg.matrix_norm(res))
+    u = max(eps(stats.dtype), eps(stats.product_dtype)) / 2
+    c = 8 * (math.sqrt(max(stats.n_rows, 1)) + stats.dim)
+    m_norm = float(torch.linalg.matrix_norm(M))
+    g1 = float(G.abs().sum(dim=0).max())  # ‖G‖₁ ≥ ‖G‖₂ for symmetric G, O(d²)
+    delta = c * u * (g1 * m_norm**2 + 2 * float(torch.linalg.matrix_norm(B)) * m_norm + abs(dtd))
+    return Evaluation(value, delta, ne / den if den > 0 else ne, u > eps(torch.float64))
 
 
-def _validate(family: str, solver: str, ridge: float, dtype: torch.dtype, rank: int | None) -> None:
+def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | None:
+    """Check the names and the rank; returns the rank as an int (or None)."""
     if family not in FAMILIES:
         raise GhostsolveError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
     if solver not in SOLVERS:
         raise GhostsolveError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
-    _check_dtype(dtype, "dtype")
-    if not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-        raise GhostsolveError(
-            f"ridge must be a finite number ≥ 0 (relative to mean(diag(XᵀX))), got {ridge!r}; try 0 or 1e-4"
-        )
+    check_dtype(dtype, "dtype")
     if family == "lowrank":
-        if rank is None or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise GhostsolveError(f"family='lowrank' needs rank=r, an int with 0 ≤ r ≤ d; got rank={rank!r}")
-    elif rank is not None:
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and int(rank) >= 0:
+            return int(rank)
+        raise GhostsolveError(f"family='lowrank' needs rank=r, an int with 0 ≤ r ≤ d; got rank={rank!r}")
+    if rank is not None:
         raise GhostsolveError(f"rank={rank!r} is only used by family='lowrank' (got family={family!r})")
+    return None
 
 
 def accumulate(
@@ -284,6 +366,7 @@ def accumulate(
     dtype: torch.dtype = torch.float64,
     qr: bool = False,
     magnitudes: bool = True,
+    hadamard_magnitudes: bool | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Stats:
     """:class:`Stats` of all rows of ``X`` and ``Y`` (``(..., d)``), fed in chunks of ``chunk_rows``.
@@ -291,38 +374,61 @@ def accumulate(
     Raises
     ------
     GhostsolveError
-        As :meth:`Stats.update`.
+        As :meth:`Stats.update`; a :class:`NonFiniteInputError` counts its rows over all of ``X``.
     """
-    X = as_tensor(X, "X")
-    Y = as_tensor(Y, "Y")
-    if X.dim() < 1 or X.shape[-1] < 1:
-        raise GhostsolveError(f"X is {tuple(X.shape)}; it must be (n_tokens, hidden_size)")
+    X = as_rows(X, "X")
+    Y = as_rows(Y, "Y")
+    d = X.shape[-1]
     if Y.shape != X.shape:
-        d = X.shape[-1]
         raise GhostsolveError(
             f"X is {tuple(X.shape)} but Y is {tuple(Y.shape)}; both must be (n_tokens, hidden_size={d})"
         )
-    d = X.shape[-1]
-    stats = Stats(d, dtype=dtype, device=X.device, qr=qr, magnitudes=magnitudes)
+    if d < 1:
+        raise GhostsolveError(f"X is {tuple(X.shape)}; it must be (n_tokens, hidden_size ≥ 1)")
+    stats = Stats(
+        d, dtype=dtype, device=X.device, qr=qr, magnitudes=magnitudes, hadamard_magnitudes=hadamard_magnitudes
+    )
     X2, Y2 = X.reshape(-1, d), Y.reshape(-1, d)
-    w = None
-    if weights is not None:
-        w = as_tensor(weights, "weights")
-        if tuple(w.shape) not in (tuple(X.shape[:-1]), (X2.shape[0],)):
-            raise GhostsolveError(
-                f"weights is {tuple(w.shape)} but X is {tuple(X.shape)}; "
-                f"weights must be {tuple(X.shape[:-1])}"
-            )
-        w = w.reshape(-1)
+    w = None if weights is None else as_weights(weights, tuple(X.shape), X.device)
     try:
         for start in range(0, X2.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
             stats.update(X2[sl], Y2[sl], None if w is None else w[sl])
-    except GhostsolveError as exc:
-        if "non-finite" in str(exc):
-            Stats._check_finite(X2, Y2)  # re-raise with row numbers counted over all of X, not the chunk
+    except NonFiniteInputError:
+        check_finite(X2, Y2)  # re-raise with row numbers counted over all of X, not the chunk
         raise
     return stats
+
+
+def _statistics(
+    X_or_stats: Any, Y: Any, weights: Any, features: dict[str, bool], caller: str = "fit"
+) -> tuple[Stats, tuple[Any, Any, Any] | None]:
+    """The statistics to fit from, and the raw rows when they were given (for a second TSQR pass)."""
+    raw = None
+    if isinstance(X_or_stats, Stats):
+        if Y is not None or weights is not None:
+            raise GhostsolveError(
+                f"{caller}(stats) takes no Y or weights: they are already in the statistics"
+            )
+        X_or_stats.check_statistics()
+        stats = X_or_stats
+    else:
+        if Y is None:
+            raise GhostsolveError(
+                f"{caller}(X, Y) needs Y (n_tokens, d), or pass a Stats object instead of X"
+            )
+        raw = (X_or_stats, Y, weights)
+        # Exact (float64) statistics whatever the working dtype: the objective is then evaluated on what
+        # the rows really are, and a float32 solve is judged by its own error, not the statistics'.
+        stats = accumulate(
+            *raw,
+            qr=features["qr"],
+            magnitudes=features["magnitudes"],
+            hadamard_magnitudes=features["hadamard_magnitudes"],
+        )
+    if stats.n_rows <= 0:
+        raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
+    return stats, raw
 
 
 def fit(
@@ -351,10 +457,11 @@ def fit(
         One of :data:`SOLVERS` (see :mod:`ghostsolve.solvers`); used by ``full``, ``lowrank`` and
         ``symmetric``. ``auto`` follows :func:`ghostsolve.solvers.choose_solver`.
     ridge : float, default 0
-        Relative ridge: ``λ = ridge · mean(diag(XᵀX))``.
+        Relative ridge: ``λ = ridge · mean(diag(XᵀX))``; any real number type (numpy scalars too).
     dtype : torch.float64 or torch.float32
-        Working precision. With raw ``X, Y`` the statistics are accumulated in it too; with ``Stats``
-        they are cast to it for the solve.
+        Working precision of the solve. With raw ``X, Y`` the statistics are always exact float64 sums
+        of float64 products (so :attr:`Fit.objective` measures the operator on the rows themselves);
+        with ``Stats`` they are cast to ``dtype`` for the solve.
     rank : int, optional
         Rank ``r`` of ``lowrank`` (``0 ≤ r ≤ d``; ``r = d`` equals ``full``).
     weights : (n_tokens,) tensor, optional
@@ -371,12 +478,14 @@ def fit(
         rows than ``d`` with ``cholesky``/``qr`` and no ridge; ``rank > d``; ``qr`` on ``Stats`` without a
         TSQR factor; an unsupported ``d`` for the hadamard families.
     NumericalError
-        Non-finite statistics.
+        Non-finite statistics (e.g. from a corrupted state dict).
 
     Warns
     -----
     IllConditionedWarning
-        When ``cholesky`` succeeds on a system too ill-conditioned for ``dtype``.
+        When ``cholesky`` succeeds on a system too ill-conditioned for ``dtype``; when a truncating solver
+        (``eigh``, ``svd``) drops directions the rows span; when the normal-equation residual is far above
+        the level of ``dtype``; when the objective is below what low-precision statistics resolve.
 
     Examples
     --------
@@ -386,48 +495,47 @@ def fit(
     >>> bool(torch.allclose(f.weight, W_true))
     True
     """
-    _validate(family, solver, ridge, dtype, rank)
-    raw: tuple[Any, Any, Any] | None = None
-    uses_solver = family not in CLOSED_FORM
-    if isinstance(X_or_stats, Stats):
-        if Y is not None or weights is not None:
-            raise GhostsolveError("fit(stats) takes no Y or weights: they are already in the statistics")
-        stats = X_or_stats
-    else:
-        if Y is None:
-            raise GhostsolveError("fit(X, Y) needs Y (n_tokens, d), or pass a Stats object instead of X")
-        raw = (X_or_stats, Y, weights)
-        # only what the family needs: the magnitude sums cost a third of the products
-        stats = accumulate(
-            *raw, dtype=dtype, qr=uses_solver and solver in ("qr", "svd"), magnitudes=family in MAGNITUDE
-        )
+    rank = _validate(family, solver, dtype, rank)
+    lam_rel = check_ridge(ridge)
+    # only what the family (and an explicitly named solver) needs: see Stats.for_families
+    features = stats_features([family], [solver] if family not in CLOSED_FORM else [])
+    stats, raw = _statistics(X_or_stats, Y, weights, features)
     d = stats.dim
     if rank is not None and rank > d:
         raise GhostsolveError(f"rank={rank} exceeds d={d}; use rank ≤ {d} (rank={d} equals family='full')")
-    if stats.n_rows <= 0:
-        raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
+    resolved, checked, notes, stats, factor = _resolve_solver(family, solver, stats, dtype, lam_rel, raw)
+    problem = make_problem(stats, dtype, lam_rel)
+    problem.factor64 = factor
+    res = solve_family(family, problem, stats, resolved, rank, checked=checked)
+    out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank, notes)
+    _warn_if_suspect(out, res, stats)
+    return out
+
+
+def _resolve_solver(
+    family: str, solver: str, stats: Stats, dtype: torch.dtype, ridge: float, raw: tuple[Any, Any, Any] | None
+) -> tuple[str, bool, list[str], Stats, torch.Tensor | None]:
+    """The solver actually used, whether ``auto`` vetted the conditioning, notes, the statistics
+    (rebuilt with a TSQR factor when ``auto`` wants one and the rows are at hand), and the float64
+    Cholesky factor ``auto`` already computed (or None)."""
     notes: list[str] = []
-    resolved = solver
-    checked = False
-    if not uses_solver:
+    if family in CLOSED_FORM:
         if solver != "auto":
             notes.append(f"family={family!r} has a closed form; solver={solver!r} was not used")
-        resolved = "closed-form"
-    elif family == "symmetric":
+        return "closed-form", False, notes, stats, None
+    if family == "symmetric":
         if solver == "auto":
-            resolved = "svd" if stats.r_factor is not None else "eigh"
-    else:
-        if solver == "auto":
-            choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=raw is not None)
-            resolved = choice.solver
-            checked = True
-            notes.append(f"auto chose {choice}")
-            if resolved in ("qr", "svd") and stats.r_factor is None and raw is not None:
-                stats = accumulate(*raw, dtype=dtype, qr=True, magnitudes=False)
-        check_full_rank(resolved, stats.n_rows, d, ridge)
-    problem = make_problem(stats, dtype, ridge)
-    res = solve_family(family, problem, stats, resolved, rank, checked=checked)
-    return _make_fit(family, res, stats, problem, dtype, ridge, rank, notes)
+            return ("svd" if stats.r_factor is not None else "eigh"), False, notes, stats, None
+        return solver, False, notes, stats, None
+    resolved, checked, factor = solver, False, None
+    if solver == "auto":
+        choice = choose_solver(stats, dtype=dtype, ridge=ridge, raw_data=raw is not None)
+        resolved, checked, factor = choice.solver, True, choice.factor
+        notes.append(f"auto chose {choice}")
+        if resolved in ("qr", "svd") and stats.r_factor is None and raw is not None:
+            stats = accumulate(*raw, qr=True, magnitudes=False, hadamard_magnitudes=False)
+    check_full_rank(resolved, stats.n_rows, stats.dim, ridge)
+    return resolved, checked, notes, stats, factor
 
 
 def _make_fit(
@@ -440,23 +548,30 @@ def _make_fit(
     rank: int | None,
     notes: list[str],
 ) -> Fit:
-    objective = _objective(stats, res.delta, res.factors)
+    M = res.delta if res.delta is not None else _product(res.factors)
+    ev = evaluate(stats, M, problem.lam)
+    objective = ev.objective
     dtd = float(stats.dtd)
     if dtd > 0:
         rel = objective / dtd
     else:
         rel = 0.0 if objective == 0 else math.inf
-    if family in ("scalar-magnitude", "diagonal-magnitude", "hadamard-magnitude") and ridge:
+    if family in MAGNITUDE and ridge:
         notes.append(f"family={family!r} is a magnitude rule; ridge={ridge:g} does not apply to it")
-
-    def delta() -> torch.Tensor:
-        if res.delta is not None:
-            return res.delta
-        assert res.factors is not None
-        return res.factors[0] @ res.factors[1].T
-
+    if not ev.resolved and ev.value != objective:
+        notes.append(
+            f"objective {ev.value:.3g} is below its rounding uncertainty {ev.uncertainty:.3g}; reported as "
+            "the upper bound max(value, 0) + uncertainty"
+        )
     diag = FitDiagnostics(
-        stats, problem.lam, functools.partial(delta), [*notes, *res.notes], dtype, res.eigenvalues, res.rank
+        stats,
+        problem.lam,
+        functools.partial(_same, M),
+        [*notes, *res.notes],
+        dtype,
+        res.eigenvalues,
+        res.rank,
+        ev,
     )
     return Fit(
         family=family,
@@ -470,9 +585,67 @@ def _make_fit(
         diagnostics=diag,
         n_rows=stats.n_rows,
         dim=stats.dim,
+        weight_sum=stats.weight_sum,
         _delta=res.delta,
         _factors=res.factors,
     )
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _product(factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    assert factors is not None
+    return factors[0] @ factors[1].T
+
+
+# A normal-equation residual this many times the backward-error level of the working dtype is not
+# rounding: the solution is wrong (a solver failure), not merely inaccurate. The level itself is the
+# generous c · eps · (‖G‖₁‖M‖ + ‖B‖) / ‖XᵀY‖ (c as in the objective's uncertainty), which correct solves
+# in our tests stay below by one to three orders of magnitude.
+_NE_FAR = 10.0
+
+
+def _suspect(f: Fit, res: FamilyResult, stats: Stats) -> list[str]:
+    """Why a solve or its objective cannot be trusted (empty when it can); see :func:`fit`'s Warns."""
+    d, dtype = stats.dim, f.dtype
+    ev = f.diagnostics.evaluation
+    out = []
+    spanned = min(stats.n_rows, d)
+    if res.rank is not None and res.rank < spanned and f.family in ("full", "lowrank", "symmetric"):
+        out.append(
+            f"{res.solver} in {dtype} kept {res.rank} of {d} directions (the rest lie below its rank "
+            f"cutoff); "
+            f"the operator ignores {spanned - res.rank} directions the rows span: use solver='qr' or "
+            "'auto', dtype=torch.float64, or a ridge"
+        )
+    elif f.family == "full" and (stats.n_rows >= d or f.lam > 0):
+        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot see)
+        c = 8 * (math.sqrt(max(stats.n_rows, 1)) + d)
+        scale = float(stats.xtx.double().abs().sum(dim=0).max()) * float(torch.linalg.matrix_norm(f.delta))
+        scale += float(torch.linalg.matrix_norm(stats.xtd.double()))
+        den = float(torch.linalg.matrix_norm(stats.xty.double()))
+        level = c * eps(dtype) * scale / den if den > 0 else 0.0
+        if level > 0 and ev.ne_residual > _NE_FAR * level:
+            out.append(
+                f"the normal-equation residual {ev.ne_residual:.2g} is {ev.ne_residual / level:.3g}× the "
+                f"level "
+                f"{level:.2g} of {dtype}: the solve failed; use solver='qr' or 'svd', or dtype=torch.float64"
+            )
+    if ev.low_precision and not ev.resolved:
+        out.append(
+            f"the objective ({ev.value:.3g}) is below what these statistics resolve (±{ev.uncertainty:.3g}, "
+            f"dtype={stats.dtype}, product_dtype={stats.product_dtype}); it is reported as its upper bound. "
+            "Build the statistics in float64 (Stats(dim)) for an exact value"
+        )
+    return out
+
+
+def _warn_if_suspect(f: Fit, res: FamilyResult, stats: Stats) -> None:
+    for message in _suspect(f, res, stats):
+        f.diagnostics.notes.append(message)
+        warnings.warn(message, IllConditionedWarning, stacklevel=3)
 
 
 def ridge_path(
@@ -504,29 +677,20 @@ def ridge_path(
     ------
     GhostsolveError
         As :func:`fit`.
+    NumericalError
+        Non-finite statistics.
     """
-    for r in ridges:
-        _validate("full", "eigh", r, dtype, None)
-    if isinstance(X_or_stats, Stats):
-        if Y is not None or weights is not None:
-            raise GhostsolveError(
-                "ridge_path(stats) takes no Y or weights: they are already in the statistics"
-            )
-        stats = X_or_stats
-    else:
-        if Y is None:
-            raise GhostsolveError("ridge_path(X, Y) needs Y (n_tokens, d), or pass a Stats object")
-        stats = accumulate(X_or_stats, Y, weights, dtype=dtype, magnitudes=False)
-    if stats.n_rows <= 0:
-        raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
+    _validate("full", "eigh", dtype, None)
+    values = [check_ridge(r) for r in ridges]
+    stats, _ = _statistics(X_or_stats, Y, weights, stats_features(["full"]), caller="ridge_path")
     base = make_problem(stats, dtype, 0.0)
     e, V, VtB = eig_decompose(base)
     fits = []
-    for r in ridges:
+    for r in values:
         problem = make_problem(stats, dtype, r)
         M, kept = eig_solution(e, V, VtB, problem.lam)
         res = FamilyResult(M, None, "eigh", [], (e.double() + problem.lam).clamp_min(0), kept)
         fits.append(
-            _make_fit("full", res, stats, problem, dtype, r, None, [f"ridge path over {len(ridges)} ridges"])
+            _make_fit("full", res, stats, problem, dtype, r, None, [f"ridge path over {len(values)} ridges"])
         )
     return fits

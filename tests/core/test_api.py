@@ -64,7 +64,7 @@ def test_rank_errors(case) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_argument_errors(case) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(GhostsolveError, match=r"ridge must be a finite number ≥ 0.*got -1"):
+    with pytest.raises(GhostsolveError, match=r"ridge must be a number ≥ 0.*got -1"):
         ghostsolve.fit(case.X, case.Y, ridge=-1)
     with pytest.raises(GhostsolveError, match=r"dtype=torch.float16 is not supported"):
         ghostsolve.fit(case.X, case.Y, dtype=torch.float16)
@@ -181,3 +181,61 @@ def test_zero_channel_keeps_identity_in_magnitude_rules() -> None:
     assert f.weight[2, 2] == 1.0 and f.weight[0, 0] == pytest.approx(2.0)
     g = ghostsolve.fit(X, 2 * X, family="diagonal")
     assert g.weight[2, 2] == 1.0
+
+
+def test_fit_applies_to_numpy_and_keeps_its_kind(case) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14.10: numpy input to Fit.__call__ raised a raw TypeError."""
+    f = ghostsolve.fit(case.X, case.Y)
+    for dt in (np.float64, np.float32, np.float16):
+        h = case.X[:5].numpy().astype(dt)
+        out = f(h)
+        assert isinstance(out, np.ndarray) and out.dtype == dt and out.shape == (5, 8)
+        ref = h.astype(np.float64) @ f.weight.numpy()
+        np.testing.assert_allclose(
+            out.astype(np.float64), ref, atol=20 * np.finfo(dt).eps * np.abs(ref).max()
+        )
+    assert f(case.X[0]).shape == (8,)  # a single row (d,) is an operator input too
+    lr = ghostsolve.fit(case.X, case.Y, family="lowrank", rank=2)
+    np.testing.assert_allclose(lr(case.X[:3].numpy()), (case.X[:3] @ lr.weight).numpy(), atol=1e-12)
+    with pytest.raises(
+        GhostsolveError, match=r"h must be a float torch.Tensor or numpy array \(\.\.\., 8\), got list"
+    ):
+        f([[0.0] * 8])  # type: ignore[call-overload]
+    with pytest.raises(GhostsolveError, match=r"got Tensor of dtype torch.int64"):
+        f(torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(GhostsolveError, match=r"h has numpy dtype int64"):
+        f(np.zeros((2, 8), dtype=np.int64))
+    h = case.X[:2].clone().requires_grad_(True)
+    f(h).sum().backward()  # the operator stays differentiable for tensors
+    assert h.grad is not None
+
+
+def test_mixed_precision_rows_are_promoted() -> None:
+    """Issue 14.10: float64 X with float32 Y was refused; both are read at the wider dtype."""
+    case = make_case(3, 80, 6)
+    X64, Y32 = case.X, case.Y.float()
+    f = ghostsolve.fit(X64, Y32)
+    g = ghostsolve.fit(X64, Y32.double())
+    assert torch.allclose(f.delta, g.delta, rtol=0, atol=0)
+    s = Stats(6).update(X64.half(), Y32)
+    t = Stats(6).update(X64.half().float(), Y32)
+    for name, v in s.tensors().items():
+        assert torch.equal(v, t.tensors()[name]), name
+
+
+def test_row_count_is_an_int_and_weight_sum_separate() -> None:
+    """Issue 14.10: Stats.n_rows was a float (the weighted sum)."""
+    case = make_case(4, 40, 4)
+    w = torch.linspace(0, 2, 40)  # one zero weight
+    s = Stats(4).update(case.X, case.Y, weights=w)
+    assert isinstance(s.n_rows, int) and s.n_rows == 39
+    assert s.weight_sum == pytest.approx(float(w.sum()))
+    f = ghostsolve.fit(case.X, case.Y, weights=w)
+    assert isinstance(f.n_rows, int) and f.n_rows == 39 and f.weight_sum == pytest.approx(float(w.sum()))
+    merged = s + Stats(4).update(case.X[:3], case.Y[:3])
+    assert merged.n_rows == 42 and merged.rows.dtype == torch.int64
+    old = s.state_dict()
+    del old["rows"]  # a version-1 state dict
+    old["meta"]["version"] = 1
+    assert Stats.from_state_dict(old).n_rows == round(float(w.sum()))
+    assert Stats.from_state_dict(s.state_dict()).n_rows == 39

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ghostsolve
@@ -64,7 +64,8 @@ def test_fp32_qr_agrees_where_fp32_cholesky_fails(seed: int, noise: float) -> No
     """cond(X) = 1e5: XᵀX (1e10) is far beyond float32 (1/eps32 ≈ 8e6), X itself is not.
 
     The rows are made exactly representable in float32, so the gap measures the solvers, not input
-    rounding. (Outlier channels alone are a diagonal scaling that Cholesky tolerates; they push
+    rounding; fit(X, Y) accumulates exact float64 statistics, so the gap is the float32 solve's alone.
+    (Outlier channels alone are a diagonal scaling that Cholesky tolerates; they push
     cond(X) past what any float32 method resolves when added on top of a spread spectrum.)
     """
     case = make_case(seed, 600, 12, 1e5, noise=noise)
@@ -77,7 +78,7 @@ def test_fp32_qr_agrees_where_fp32_cholesky_fails(seed: int, noise: float) -> No
             f = ghostsolve.fit(X, Y, solver=solver, dtype=torch.float32)
         gap[solver] = (objective(X, Y, f.delta) - ref) / ref
     assert gap["qr"] < 1e-4
-    assert gap["cholesky"] > 1e-2 and gap["cholesky"] > 1e3 * gap["qr"]
+    assert gap["cholesky"] > 1e-3 and gap["cholesky"] > 1e3 * gap["qr"]
 
 
 def test_cholesky_failure_falls_back_and_says_so() -> None:
@@ -185,3 +186,23 @@ def test_qr_on_stats_needs_the_tsqr_factor() -> None:
         ghostsolve.fit(_stats(case), solver="qr")
     f = ghostsolve.fit(_stats(case, qr=True), solver="qr")
     np.testing.assert_allclose(f.delta.numpy(), lstsq_delta(case.X, case.Y), atol=1e-10)
+
+
+@given(seed=st.integers(0, 2**31 - 1), spread=st.sampled_from([0.0, 2.0, 5.0]))
+@settings(max_examples=10, deadline=None)
+def test_condition_estimate_for_large_d_is_a_safe_side_estimate(seed: int, spread: float) -> None:
+    """LAPACK's 1-norm estimate: never below cond₂/3 (a usable lower side) and at most d·cond₂."""
+    from ghostsolve.solvers import estimate_condition
+
+    d = 160  # above the size at which the exact eigenvalues are used
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * d, d, generator=g, dtype=torch.float64) * torch.logspace(
+        0, spread, d, dtype=torch.float64
+    )
+    A = X.T @ X
+    e = np.linalg.eigvalsh(A.numpy())
+    k2 = e[-1] / e[0]
+    est = estimate_condition(A)
+    assert k2 / 3 <= est <= d * k2
+    choice = choose_solver(ghostsolve.Stats(d).update(X, X))
+    assert choice.factor is not None and torch.allclose(choice.factor @ choice.factor.T, A, rtol=1e-10)
