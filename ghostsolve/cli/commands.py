@@ -270,7 +270,14 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_outputs(args, out)
     methods = methods_of(args.recover) if args.recover else None
-    options = {} if args.drop else selection_options(args, args.select)
+    if args.select is not None and args.num_drop is None:
+        raise GhostsolveError(f"--select {args.select} needs --num-drop N: how many layers to remove")
+    if args.select is None and args.num_drop is not None:
+        raise GhostsolveError(
+            f"--num-drop {args.num_drop} goes with --select STRATEGY; the default removal is the last third "
+            "of the layers, or give --drop"
+        )
+    options = selection_options(args, args.select) if args.select else {}
     if args.batch_size is None:  # one calibration batch per rank
         args.batch_size = max(1, args.num_calib // _world_size(args))
     _check_shardable(args)

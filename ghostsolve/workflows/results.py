@@ -114,26 +114,39 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def recovered(self, name: str) -> float | None:
+        """Share of the perplexity lost by plain pruning that ``name`` wins back:
+        ``(ppl_identity − ppl_name) / (ppl_identity − ppl_dense)`` (None without plain pruning or dense)."""
+        plain, method = self.methods.get(PLAIN_PRUNED), self.methods.get(name)
+        values = (self.dense_perplexity, plain and plain.perplexity, method and method.perplexity)
+        if any(v is None for v in values):
+            return None
+        dense, pruned, recovered = (float(v) for v in values)  # type: ignore[arg-type]
+        return (pruned - recovered) / (pruned - dense) if pruned > dense else None
+
     def format_table(self) -> str:
-        """A fixed-width table: one row for the dense model, one per method (the saved one marked ``*``)."""
+        """A fixed-width table: dense, then each method (the saved one marked ``*``) with its perplexity, its
+        ratio to dense, the share of plain pruning's loss it wins back, its boundary residual and fit time."""
         dense = self.dense_perplexity
-        header = ("method", "perplexity", "x dense", "rel. residual", "fit s")
-        rows = [("dense", _fmt(dense, ".3f"), "1.000" if dense else "-", "-", "-")]
+        header = ("method", "perplexity", "x dense", "loss recovered", "rel. residual", "fit s")
+        rows = [("dense", _fmt(dense, ".3f"), "1.000" if dense else "-", "-", "-", "-")]
         for name, m in self.methods.items():
             label = f"{name}{' *' if name == self.saved else ''}"
             if name == PLAIN_PRUNED:
                 label += " (plain pruned)"
             ratio = m.perplexity / dense if (m.perplexity is not None and dense) else None
-            rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), _fmt(m.relative_residual,
-                ".4f"),
-                         _fmt(m.fit_seconds, ".3f")))  # fmt: skip
+            share = self.recovered(name)
+            won = "-" if share is None else f"{round(100 * share) + 0:d}%"  # + 0: no "-0%"
+            rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), won,
+                         _fmt(m.relative_residual, ".4f"), _fmt(m.fit_seconds, ".3f")))  # fmt: skip
         out = [f"model: {self.model}", f"removed layers: {self.removed}   seq_len: {self.seq_len}",
                *_table(header, rows)]  # fmt: skip
         if self.saved:
             out.append(f"* saved: {self.saved}")
         out.append(
-            "rel. residual: boundary residual ||XW - Y||² left on the calibration tokens, relative to plain "
-            "pruning's ||X - Y||²"
+            "loss recovered: (plain pruned - method) / (plain pruned - dense) perplexity; rel. residual: "
+            "boundary residual ||XW - Y||² left on the calibration tokens, relative to plain pruning's "
+            "||X - Y||²"
         )
         return "\n".join(out)
 
@@ -144,7 +157,8 @@ class PruneResult:
             "removed": [int(i) for i in self.removed],
             "seq_len": int(self.seq_len),
             "dense": {"perplexity": self.dense_perplexity},
-            "methods": {name: to_json(m) for name, m in self.methods.items()},
+            "methods": {name: {**to_json(m), "loss_recovered": self.recovered(name)}
+                        for name, m in self.methods.items()},
             "saved": self.saved,
             "timings": dict(self.timings),
         }

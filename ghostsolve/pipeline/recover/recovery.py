@@ -32,6 +32,7 @@ from torch import nn
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.families import stats_features
 from ghostsolve.fit import Fit
 from ghostsolve.pipeline.capture import (
     CAPTURES,
@@ -170,14 +171,29 @@ def _plan(model: nn.Module, drop: Iterable[int], methods: Sequence[str], batches
     )  # fmt: skip
 
 
-def _consumers(job: _Job, methods: Sequence[Method], x_stream: str) -> tuple[IntervalStats,
-    ReplaceMeStats | None]:
-    kwargs = {"num_layers": job.num_layers, "x_stream": x_stream, "skip_first_token": job.skip_first_token,
-              "spec": job.spec}  # fmt: skip
-    residual = IntervalStats(job.intervals, **kwargs)  # type: ignore[arg-type]
-    needs_mlp = any(m.statistics == "mlp" for m in methods)
-    mlp = ReplaceMeStats(job.intervals, keep_mlp_outputs=x_stream == "pruned",
-        **kwargs) if needs_mlp else None  # type: ignore[arg-type]
+def _spec(job: _Job, methods: Sequence[Method]) -> StatsSpec:
+    """Statistics that keep only the optional sums these methods' families and the solver need."""
+    families = [m.family for m in methods if m.family is not None]
+    return StatsSpec(job.spec.dtype, job.spec.product_dtype, stats_features(families, [job.settings.solver]))
+
+
+def _covers(given: Stats, spec: StatsSpec) -> bool:
+    """Whether statistics captured elsewhere hold every optional sum ``spec`` asks for."""
+    return all(getattr(given, flag, False) or not wanted for flag, wanted in spec.options.items())
+
+
+def _consumers(
+    job: _Job, methods: Sequence[Method], x_stream: str
+) -> tuple[IntervalStats, ReplaceMeStats | None]:
+    """The consumers of one capture: boundary statistics, and ReplaceMe's when a method needs them."""
+    spec = _spec(job, methods)
+    residual = IntervalStats(job.intervals, num_layers=job.num_layers, x_stream=x_stream,
+                             skip_first_token=job.skip_first_token, spec=spec)  # fmt: skip
+    mlp = None
+    if any(m.statistics == "mlp" for m in methods):
+        mlp = ReplaceMeStats(job.intervals, num_layers=job.num_layers, x_stream=x_stream,
+                             skip_first_token=job.skip_first_token, spec=spec,
+                             keep_mlp_outputs=x_stream == "pruned")  # fmt: skip
     return residual, mlp
 
 
@@ -324,7 +340,9 @@ def iter_recoveries(
     shared = [m for m in job.methods if m.family is not None and not job.sequential(m)]
     residual, mlp = _consumers(job, shared, "dense")
     capture_seconds = 0.0
-    if shared and mlp is None and all(iv in job.given for iv in job.intervals):
+    spec = _spec(job, shared)
+    reusable = all(iv in job.given and _covers(job.given[iv], spec) for iv in job.intervals)
+    if shared and mlp is None and reusable:
         # Statistics a selection rule already captured on these batches: no second pass.
         residual.adopt({iv: job.given[iv] for iv in job.intervals})
     elif shared:
