@@ -291,7 +291,7 @@ def demo(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not _is_main(args):
         return 0
-    rule = "given by --drop" if result.selection is None else (
+    rule = result.extra.get("removal") if result.selection is None else (
         f"strategy {result.selection.strategy} ({result.selection.score_name}, removes the "
         f"{result.selection.removes})")  # fmt: skip
     print(f"selection: layers {result.removed}, {rule}")

@@ -108,8 +108,10 @@ def demo(
     world = 1 if distributed is None else distributed.world_size
     batch_size = batch_size or max(1, num_calib // world)
     model, tokenizer = load(folder), load_tokenizer(folder)
+    removal = "given by --drop" if drop is not None else None
     if drop is None and select is None:
         drop = default_demo_drop(len(get_adapter(model).layers(model)))
+        removal = "the last third of the layers (the demo's default)"
     calib = broadcast_from_main(calibration_windows, model, tokenizer, calibration, n_windows=num_calib,
                                 seq_len=seq_len, seed=seed, batch_size=batch_size,
                                 progress=progress)  # fmt: skip
@@ -121,7 +123,7 @@ def demo(
         order=order,
         skip_first_token=skip_first_token, batch_size=batch_size, save_method=DEMO_SAVED_METHOD,
         model_name="ghostsolve-demo", progress=progress, distributed=distributed,
-        extra={"demo_model": str(folder), "seed": seed, "order": order,
+        extra={"demo_model": str(folder), "seed": seed, "order": order, "removal": removal,
                "calibration": _describe(calibration, calib), "evaluation": _describe(evaluation, evalw)},
     )  # fmt: skip
     result.saved = DEMO_SAVED_METHOD

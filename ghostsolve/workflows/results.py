@@ -173,11 +173,25 @@ class PruneResult:
         return write_json(self.to_report(), path)
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """A PNG bar chart of perplexity per method, dense and plain-pruned levels as lines."""
+        """A PNG bar chart of perplexity per method, dense and plain-pruned levels as lines; the default title
+        tells the story (how much plain pruning loses, how much of it the saved method wins back)."""
         values = {n: m.perplexity for n, m in self.methods.items() if m.perplexity is not None}
         return plot_perplexities(path, values, dense=float(self.dense_perplexity or math.nan),
-                                 highlight=self.saved,
-                                 title=title or f"{self.model}: layers {self.removed} removed")  # fmt: skip
+                                 highlight=self.saved, title=title or self._story())  # fmt: skip
+
+    def _story(self) -> str:
+        title = f"{self.model}: layers {self.removed} removed"
+        plain = perplexity_of(self.methods.get(PLAIN_PRUNED))
+        share = self.recovered(self.saved) if self.saved else None
+        if plain is None or share is None or not self.dense_perplexity:
+            return title
+        return (f"{title}\nplain pruning {plain / self.dense_perplexity:.2f}x dense; {self.saved} wins back "
+                f"{100 * share:.0f}% of the loss")  # fmt: skip
+
+
+def perplexity_of(method: MethodResult | None) -> float | None:
+    """The perplexity of a method's result (None when there is no result or no evaluation)."""
+    return None if method is None else method.perplexity
 
 
 @dataclass

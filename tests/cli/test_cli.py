@@ -162,14 +162,16 @@ def test_demo_on_a_tiny_model(tmp_path, model_dir, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "identity (plain pruned)" in stdout and "wall time" in stdout
-    assert "strategy recoverable" in stdout  # the demo's default selection rule, named in its output
+    # The demo's default removal, the last third of the layers (4 and 5 of the tiny model's 6), named in
+    # its output.
+    assert "selection: layers [4, 5], the last third of the layers (the demo's default)" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["model", "perplexity.png", "report.json"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report == json.loads((out / "report.json").read_text())
     _check_contract(report, ["ghost", "identity", "diagonal"], "ghost")
     assert len(report["removed"]) == 2 and report["removed"][1] == report["removed"][0] + 1
-    assert report["selection"]["strategy"] == "recoverable"
-    assert report["selection"]["selected"] == report["removed"]
+    assert report["removed"] == [4, 5]
+    assert report["removal"] == "the last third of the layers (the demo's default)"
     assert report["calibration"]["source"] == "self"
     loaded = ghostsolve.load(out / "model")
     assert loaded.config.num_hidden_layers == 4

@@ -135,6 +135,7 @@ def test_demo_selects_with_the_strategy_asked_for(tmp_path, planted_dir, capsys)
     rc = main(
         [
             "demo", "--model", str(planted_dir), "--out", str(tmp_path / "demo"), "--select", "angular",
+            "--num-drop", "2",
             "--num-calib", "8", "--num-eval", "4", "--seq-len", "24", "--recover", "ghost,identity",
             "--report", str(tmp_path / "r.json"), *QUIET,
         ]

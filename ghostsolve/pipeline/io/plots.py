@@ -41,14 +41,17 @@ def new_figure(path: str | Path, figsize: tuple[float, float]) -> Any:
 
 
 def _label(value: float, values: Sequence[float]) -> str:
-    """A bar label with enough digits to tell this value from every other one on the plot."""
+    """A bar label with as many decimals (one to three) as it takes to tell this value from its neighbours;
+    values equal to that precision are equal for the reader too."""
     if not math.isfinite(value):
         return str(value)
-    for digits in range(1, 7):
+    others = [v for v in values if v != value and math.isfinite(v)]
+    most = 3 if abs(value) < 10 else 2
+    for digits in range(1, most + 1):
         text = f"{value:.{digits}f}"
-        if all(f"{v:.{digits}f}" != text for v in values if v != value and math.isfinite(v)):
+        if all(f"{v:.{digits}f}" != text for v in others):
             return text
-    return f"{value:.6g}"
+    return f"{value:.{most}f}"
 
 
 def plot_perplexities(
