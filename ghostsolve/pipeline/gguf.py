@@ -77,6 +77,8 @@ _KNOWN_MAGICS: tuple[tuple[bytes, str], ...] = (
 # models as "llama"; transformers then tells them apart by "mistral" in general.name (its own rule,
 # mirrored here so the adapter check can run before anything is loaded).
 _MISTRAL_IN_NAME = "mistral"
+# transformers' model_max_length when a tokenizer states none is int(1e30); anything this large is that.
+_NO_LENGTH = 10**20
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,14 @@ def _import_gguf() -> Any:
     try:
         import gguf
     except ImportError as exc:
+        if getattr(exc, "name", None) in (None, "gguf"):
+            raise GhostsolveError(
+                f"reading GGUF files needs the gguf package, which is not installed ({exc}); {INSTALL_HINT}"
+            ) from None
+        # e.g. gguf 0.10 imports sentencepiece without depending on it
         raise GhostsolveError(
-            f"reading GGUF files needs the gguf package, which is not installed ({exc}); {INSTALL_HINT}"
+            f"the installed gguf {_gguf_version()} fails to import ({exc}); {INSTALL_HINT} "
+            "installs a release that works (gguf>=0.17.1)"
         ) from None
     return gguf
 
@@ -370,8 +378,9 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     known = known_model_types()
     if info.model_type not in known:
         raise GhostsolveError(
-            f"{str(info.path)!r} holds a {info.architecture!r} model, which has no ghostsolve adapter "
-            f"(known model types: {', '.join(known)}); add one with ghostsolve.adapters.register_adapter"
+            f"{str(info.path)!r} holds a model of GGUF architecture {info.architecture!r}, which has no "
+            f"ghostsolve adapter (known model types: {', '.join(known)}); add one with "
+            "ghostsolve.adapters.register_adapter"
         )
     readable = transformers_gguf_architectures()
     if info.architecture not in readable and info.model_type not in readable:
@@ -379,9 +388,10 @@ def check_gguf(path: str | Path) -> GGUFInfo:
 
         usable = [a for a in readable if a in known]
         raise GhostsolveError(
-            f"{str(info.path)!r} holds a {info.architecture!r} model, which transformers "
-            f"{transformers.__version__} cannot load from GGUF (of the architectures ghostsolve knows, "
-            f"it loads {', '.join(usable) or 'none'}); convert the original Hugging Face checkpoint instead"
+            f"{str(info.path)!r} holds a model of GGUF architecture {info.architecture!r}, which "
+            f"transformers {transformers.__version__} cannot load from GGUF (of the architectures "
+            f"ghostsolve knows, it loads {', '.join(usable) or 'none'}); convert the original Hugging Face "
+            "checkpoint instead"
         )
     supported = dequantizable_types(info.architecture)
     bad = {name: n for name, n in info.tensor_types.items() if name not in supported}
@@ -519,7 +529,7 @@ def load_gguf(
     LOG.info("dequantizing %s (%s, %d tensors: %s)", file, info.architecture, info.tensor_count,
              ", ".join(f"{n} {t}" for t, n in info.tensor_types.items()))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(file.parent), **kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError, ImportError, RuntimeError) as exc:
         raise GhostsolveError(f"transformers cannot load {str(file)!r}: {_first_line(exc)}") from exc
     gguf_model, loading_info = loaded
@@ -527,11 +537,17 @@ def load_gguf(
     model = _without_quantization_config(gguf_model, file)
     del gguf_model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+        # No local_files_only here: a tokenizer saves its loading kwargs into tokenizer_config.json.
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise GhostsolveError(
             f"transformers cannot build the tokenizer of {str(file)!r}: {_first_line(exc)}"
         ) from exc
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and getattr(tokenizer, "model_max_length", 0) > _NO_LENGTH:
+        # A GGUF file states no tokenizer length, so transformers leaves its "no limit" sentinel; the
+        # model's context length (llama.cpp's context_length) is the limit that holds.
+        tokenizer.model_max_length = int(max_positions)
     if model.config.model_type != info.model_type:
         LOG.info("%s: transformers built model type %r", file, model.config.model_type)
     if device is not None:

@@ -32,7 +32,7 @@ import torch
 
 from ghostsolve.errors import GhostsolveError
 
-gguf = pytest.importorskip("gguf", reason="the GGUF tests need the gguf package: pip install 'ghostsolve[gguf]'")
+gguf = pytest.importorskip("gguf", reason="the GGUF tests need gguf: pip install 'ghostsolve[gguf]'")
 transformers = pytest.importorskip("transformers")
 
 from ghostsolve.pipeline.gguf import (  # noqa: E402  (after the skips: it is only usable with gguf)
@@ -171,7 +171,8 @@ def f32_file(tmp_path_factory: pytest.TempPathFactory, source: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def q8_file(tmp_path_factory: pytest.TempPathFactory, source: Any) -> Path:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf", source, qtype=gguf.GGMLQuantizationType.Q8_0)
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf"
+    return write_gguf(path, source, qtype=gguf.GGMLQuantizationType.Q8_0)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +268,7 @@ def test_converted_directory_is_plain(q8_converted: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(q8_converted / "model.safetensors"), "pt") as handle:
-        assert all(handle.get_tensor(k).dtype == torch.float32 for k in handle.keys())  # noqa: SIM118
+        assert all(handle.get_tensor(k).dtype == torch.float32 for k in handle.keys())
 
 
 def test_converted_directory_loads_without_gguf(q8_converted: Path) -> None:
@@ -341,7 +342,7 @@ def test_not_a_gguf_file_names_its_first_bytes(tmp_path: Path) -> None:
         convert_gguf(empty, tmp_path / "out")
     with pytest.raises(GhostsolveError, match="does not exist; check the path"):
         inspect_gguf(tmp_path / "missing.gguf")
-    with pytest.raises(GhostsolveError, match="is not a file; give the path of the .gguf file"):
+    with pytest.raises(GhostsolveError, match=r"is not a file; give the path of the \.gguf file"):
         inspect_gguf(tmp_path)
     assert not (tmp_path / "out").exists()
 
@@ -349,21 +350,23 @@ def test_not_a_gguf_file_names_its_first_bytes(tmp_path: Path) -> None:
 def test_damaged_header(tmp_path: Path, f32_file: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(f32_file.read_bytes()[:200])
-    with pytest.raises(GhostsolveError, match="cannot read the GGUF header of .*truncated or damaged"):
+    with pytest.raises(GhostsolveError, match=r"cannot read the GGUF header of .*truncated or damaged"):
         inspect_gguf(cut)
 
 
 def test_architecture_without_an_adapter(tmp_path: Path, source: Any) -> None:
     path = write_gguf(tmp_path / "gpt2.gguf", source, architecture="gpt2")
     with pytest.raises(
-        GhostsolveError, match=r"holds a 'gpt2' model, which has no ghostsolve adapter \(known model types: .*llama"
+        GhostsolveError,
+        match=r"GGUF architecture 'gpt2', which has no ghostsolve adapter \(known model types: .*llama",
     ):
         load_gguf(path)
 
 
 def test_adapter_architecture_transformers_cannot_read(tmp_path: Path, source: Any) -> None:
     path = write_gguf(tmp_path / "olmo2.gguf", source, architecture="olmo2")
-    with pytest.raises(GhostsolveError, match=r"'olmo2' model, which transformers .* cannot load from GGUF"):
+    cannot = r"architecture 'olmo2', which transformers .* cannot load from GGUF"
+    with pytest.raises(GhostsolveError, match=cannot):
         check_gguf(path)
 
 
@@ -381,7 +384,8 @@ def test_tensor_type_transformers_cannot_dequantize(tmp_path: Path, source: Any)
 def test_missing_tensor_is_an_error_not_a_random_weight(tmp_path: Path, source: Any) -> None:
     path = write_gguf(tmp_path / "holey.gguf", source, drop=("blk.1.ffn_up.weight",))
     with pytest.raises(
-        GhostsolveError, match=r"does not give a complete model .*missing weights \['model.layers.1.mlp.up_proj"
+        GhostsolveError,
+        match=r"does not give a complete model .*missing weights \['model\.layers\.1\.mlp\.up_proj",
     ):
         load_gguf(path)
 
@@ -396,7 +400,8 @@ def test_file_without_tokenizer(tmp_path: Path, source: Any) -> None:
 def test_gguf_not_installed(f32_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
     assert is_gguf_file(f32_file)  # detection needs no gguf
-    with pytest.raises(GhostsolveError, match=rf"needs the gguf package, which is not installed .*{re.escape(INSTALL_HINT)}"):
+    missing = rf"needs the gguf package, which is not installed .*{re.escape(INSTALL_HINT)}"
+    with pytest.raises(GhostsolveError, match=missing):
         inspect_gguf(f32_file)
     with pytest.raises(GhostsolveError, match="pip install 'ghostsolve\\[gguf\\]'"):
         convert_gguf(f32_file, f32_file.parent / "never")
