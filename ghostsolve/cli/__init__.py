@@ -1,4 +1,4 @@
-"""The ``ghostsolve`` command line: prune, eval, diagnose, demo, select, convert-llama2c.
+"""The ``ghostsolve`` command line: prune, eval, diagnose, demo, select, convert-gguf, convert-llama2c.
 
 Every command prints its results table on stdout, progress bars and log messages on stderr. Errors are a
 single line ``ghostsolve: error: ...`` on stderr with exit status 2 (``--traceback`` shows the full traceback

@@ -21,7 +21,7 @@ from ghostsolve.cli.args import (
 )
 from ghostsolve.errors import GhostsolveError
 
-__all__ = ["convert_llama2c", "demo", "diagnose", "evaluate", "prune", "select"]
+__all__ = ["convert_gguf", "convert_llama2c", "demo", "diagnose", "evaluate", "prune", "select"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,14 +62,18 @@ def _check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
 
 
 def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer of MODEL: a Hugging Face directory, a ghostsolve checkpoint or a GGUF file."""
     import torch
 
     from ghostsolve.pipeline.io.checkpoint import load, load_tokenizer
+    from ghostsolve.pipeline.io.gguf import is_gguf_file, load_gguf
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time.
-    device = "cpu" if getattr(args, "layerwise", False) else resolve_cli_device(args.device, getattr(args,
-        "dist", None))
+    layerwise = getattr(args, "layerwise", False)
+    device = "cpu" if layerwise else resolve_cli_device(args.device, getattr(args, "dist", None))
+    if path.endswith(".gguf") or is_gguf_file(path):  # dequantized in memory; convert-gguf does it on disk
+        return load_gguf(path, dtype=dtype, device=device)
     return load(path, device=device, dtype=dtype), load_tokenizer(path)
 
 
@@ -307,6 +311,16 @@ def demo(args: argparse.Namespace) -> int:
     print(f"plot: {out / 'perplexity.png'}")
     print(f"report: {args.report or out / 'report.json'}")
     print(f"wall time: {result.timings.get('total', 0.0):.1f} s")
+    return 0
+
+
+def convert_gguf(args: argparse.Namespace) -> int:
+    """``ghostsolve convert-gguf``: a GGUF file to a plain Hugging Face directory that loads without gguf."""
+    from ghostsolve.pipeline.io.gguf import convert_gguf as convert
+
+    out = convert(args.gguf, args.out, overwrite=args.overwrite,
+                  dtype=None if args.dtype == "auto" else args.dtype)  # fmt: skip
+    print(f"converted: {out}")
     return 0
 
 

@@ -223,7 +223,7 @@ def _add_selection_commands(subparsers: Any, prune_parser: argparse.ArgumentPars
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sel.epilog_factory = _strategy_epilog
-    sel.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    sel.add_argument("model", metavar="MODEL", help="a local model directory, a .gguf file, or a hub id")
     sel.add_argument("--strategy", required=True, metavar="S", help="selection strategy (listed below)")
     sel.add_argument("--num-drop", type=positive, required=True, help="how many layers to remove")
     sel.add_argument(
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(one capture pass), evaluate each by perplexity, print the table, and save the first method "
         "listed in --recover to --out.",
     )
-    prune.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    prune.add_argument("model", metavar="MODEL", help="a local model directory, a .gguf file, or a hub id")
     drop_group = prune.add_mutually_exclusive_group(required=False)
     drop_group.add_argument(
         "--drop",
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the perplexity of MODEL_OR_DIR (a Hugging Face model or a ghostsolve "
         "checkpoint) and optionally run lm-evaluation-harness tasks on it in memory.",
     )
-    ev.add_argument("model", metavar="MODEL_OR_DIR", help="model directory, ghostsolve checkpoint or hub id")
+    ev.add_argument("model", metavar="MODEL_OR_DIR",
+                    help="model directory, ghostsolve checkpoint, .gguf file or hub id")  # fmt: skip
     ev.add_argument(
         "--tasks",
         metavar="TASKS",
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture the boundary statistics of the removal set and print, per boundary, the "
         "conditioning of the calibration activations and the fp32-versus-fp64 solver comparison.",
     )
-    diag.add_argument("model", metavar="MODEL", help="a local model directory (or a hub id)")
+    diag.add_argument("model", metavar="MODEL", help="a local model directory, a .gguf file, or a hub id")
     diag_drop = diag.add_mutually_exclusive_group(required=True)
     diag_drop.add_argument("--drop", metavar="LAYERS", help="layers to remove: 5-7, 3,9 or 3,5-7")
     diag_drop.add_argument(
@@ -408,6 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL, seq_len_default=DEMO_SEQ_LEN)
     _add_runtime(demo, batch_size=None, threads=1)
     demo.set_defaults(func=commands.demo)
+
+    gguf = sub.add_parser(
+        "convert-gguf",
+        help="convert a GGUF file to a Hugging Face directory (safetensors, tokenizer): no gguf needed then",
+        description="Dequantize a GGUF file (Llama, Qwen2/3, Mistral architectures; the quantizations "
+        "transformers can read) and write a plain Hugging Face directory: safetensors weights, tokenizer, "
+        "generation config. Every command also takes a .gguf file as MODEL directly; converting once saves "
+        "the dequantization at every load. Needs pip install 'ghostsolve[gguf]'.",
+    )
+    gguf.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
+    gguf.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    gguf.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                      help="weight dtype of the output (auto: float32, as dequantized)")  # fmt: skip
+    gguf.add_argument("--traceback", action="store_true", help="on error, show the full traceback")
+    gguf.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    gguf.set_defaults(func=commands.convert_gguf)
 
     conv = sub.add_parser(
         "convert-llama2c",

@@ -53,7 +53,7 @@ def smollm2(reference_model: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of the converted directory, float32, eval mode (loaded once per session)."""
     from transformers import AutoTokenizer
 
-    from ghostsolve.pipeline.checkpoint import load
+    from ghostsolve.pipeline.io.checkpoint import load
 
     model = load(reference_model.hf_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(reference_model.hf_dir)

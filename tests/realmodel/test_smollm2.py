@@ -75,7 +75,7 @@ def test_gguf_file_loads_directly_with_the_same_logits(
     reference_model: Any, smollm2: tuple[Any, Any]
 ) -> None:
     # Both are the same dequantized float32 tensors under the same transformers code: bit-identical.
-    from ghostsolve.pipeline.gguf import load_gguf
+    from ghostsolve.pipeline.io.gguf import load_gguf
 
     model, tokenizer = smollm2
     direct, direct_tokenizer = load_gguf(reference_model.gguf)

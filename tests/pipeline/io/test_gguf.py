@@ -35,7 +35,7 @@ from ghostsolve.errors import GhostsolveError
 gguf = pytest.importorskip("gguf", reason="the GGUF tests need gguf: pip install 'ghostsolve[gguf]'")
 transformers = pytest.importorskip("transformers")
 
-from ghostsolve.pipeline.gguf import (  # noqa: E402  (after the skips: it is only usable with gguf)
+from ghostsolve.pipeline.io.gguf import (  # noqa: E402  (after the skips: it is only usable with gguf)
     INSTALL_HINT,
     check_gguf,
     convert_gguf,

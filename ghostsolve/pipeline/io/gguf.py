@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.atomic import atomic_directory, refuse_existing
+from ghostsolve.pipeline.io.atomic import atomic_directory, refuse_existing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -570,7 +570,7 @@ def convert_gguf(
     (``tokenizer.json``, ``tokenizer_config.json``, the chat template when the file has one). The
     directory loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
     ``AutoTokenizer.from_pretrained(out_dir)`` without ``gguf`` installed. The write is atomic
-    (:func:`ghostsolve.pipeline.atomic.atomic_directory`): a failure leaves no partial directory, and an
+    (:func:`ghostsolve.pipeline.io.atomic.atomic_directory`): a failure leaves no partial directory, and an
     overwritten ``out_dir`` stays as it was until the new one is complete.
 
     Parameters
