@@ -14,10 +14,14 @@ from ghostsolve.errors import GhostsolveError
 __all__ = [
     "check_drop_args",
     "drop_of",
+    "loading_kwargs",
+    "model_args_of",
     "methods_of",
     "parse_layers",
     "positive",
+    "rank_of",
     "resolve_cli_device",
+    "ridge_of",
     "selection_options",
     "seq_len_of",
 ]
@@ -189,3 +193,80 @@ def seq_len_of(args: argparse.Namespace, model: Any) -> int:
             f"{max_positions}"
         )
     return int(args.seq_len)
+
+
+def ridge_of(text: str) -> float | str:
+    """``--ridge``: a relative ridge ``>= 0`` (``λ = ridge · mean(diag(XᵀX))``), ``cv`` (chosen by K-fold
+    cross-validation on whole calibration sequences) or ``gcv`` (generalised cross-validation)."""
+    if text in ("cv", "gcv"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor cv or gcv") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (e.g. 0, 1e-3), cv or gcv")
+    return value
+
+
+def rank_of(text: str) -> int | str:
+    """``--rank``: the rank of the ``lowrank`` family (an integer >= 0), or ``cv`` (chosen by cross-validation)."""
+    if text == "cv":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor cv") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0, or cv")
+    return value
+
+
+def _typed(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def model_args_of(text: str | None) -> dict[str, Any]:
+    """``--model-args key=value,key=value`` (lm-eval's style) as keyword arguments of ``from_pretrained``:
+    ``true``/``false``/``none`` and numbers are typed, anything else stays a string.
+
+    Raises
+    ------
+    GhostsolveError
+        A part without ``=`` or with an empty key.
+    """
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise GhostsolveError(
+                f"cannot read --model-args {text!r}: {part!r} is not key=value (e.g. "
+                "attn_implementation=sdpa,low_cpu_mem_usage=true)"
+            )
+        out[key.strip()] = _typed(value.strip())
+    return out
+
+
+def loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``from_pretrained`` receives beside the dtype: ``--model-args``, then ``--trust-remote-code``,
+    ``--revision`` and ``--device-map`` (a flag wins over the same key in ``--model-args``)."""
+    kwargs = model_args_of(getattr(args, "model_args", None))
+    if getattr(args, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+    for name in ("revision", "device_map"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs

@@ -14,6 +14,7 @@ from typing import Any
 from ghostsolve.cli.args import (
     check_drop_args,
     drop_of,
+    loading_kwargs,
     methods_of,
     resolve_cli_device,
     selection_options,
@@ -69,12 +70,32 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     from ghostsolve.pipeline.io.gguf import is_gguf_file, load_gguf
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time.
+    kwargs = loading_kwargs(args)
+    # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time. A device map
+    # places the model itself.
     layerwise = getattr(args, "layerwise", False)
     device = "cpu" if layerwise else resolve_cli_device(args.device, getattr(args, "dist", None))
     if path.endswith(".gguf") or is_gguf_file(path):  # dequantized in memory; convert-gguf does it on disk
+        if kwargs:
+            raise GhostsolveError(
+                f"{', '.join(sorted(kwargs))} do not apply to a GGUF file; convert it with ghostsolve "
+                "convert-gguf first and load the directory"
+            )
         return load_gguf(path, dtype=dtype, device=device)
-    return load(path, device=device, dtype=dtype), load_tokenizer(path)
+    if "device_map" in kwargs:
+        device = None
+    return load(path, device=device, dtype=dtype, **kwargs), load_tokenizer(path)
+
+
+def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fitting flags as keywords of the workflows (``--ridge``, ``--rank``, ``--solver``, dtypes)."""
+    import torch
+
+    def dtype(name: str | None) -> Any:
+        return None if name is None else getattr(torch, name)
+
+    return {"ridge": args.ridge, "rank": args.rank, "solver": args.solver,
+            "product_dtype": dtype(args.product_dtype), "compute_dtype": dtype(args.compute_dtype)}  # fmt: skip
 
 
 def _source(files: Any) -> Any:
@@ -164,7 +185,7 @@ def prune(args: argparse.Namespace) -> int:
         num_drop=None if drop else args.num_drop, select_options=options, methods=methods, order=args.order,
         skip_first_token=args.skip_first_token, batch_size=args.batch_size, out=out, overwrite=args.overwrite,
         model_name=args.model, progress=not args.no_progress, distributed=getattr(args, "dist", None),
-        extra=_data_description(args, calib, evalw), **capture,
+        extra=_data_description(args, calib, evalw), **capture, **_fit_options(args),
     )  # fmt: skip
     if _is_main(args):
         _finish_prune(args, result, out)
@@ -292,6 +313,7 @@ def demo(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
         skip_first_token=args.skip_first_token,
         progress=not args.no_progress, model_dir=args.model, distributed=getattr(args, "dist", None),
+        **_fit_options(args),
     )  # fmt: skip
     if not _is_main(args):
         return 0

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ghostsolve.cli import commands
-from ghostsolve.cli.args import positive
+from ghostsolve.cli.args import positive, rank_of, ridge_of
 from ghostsolve.pipeline.data import DEFAULT_SELF_EVAL
 from ghostsolve.workflows.demo import (
     DEFAULT_DEMO_OUT,
@@ -68,6 +68,58 @@ def _add_runtime(
     group.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     group.add_argument(
         "--traceback", action="store_true", help="on error, show the full traceback instead of one line"
+    )
+
+
+def _add_loading(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model loading (passed to from_pretrained)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow the model's own code from its directory or hub repository")  # fmt: skip
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of MODEL")
+    group.add_argument(
+        "--device-map",
+        default=None,
+        help="accelerate device map (auto, balanced, sequential...): the model is spread over the visible "
+        "devices and --device is not used for it",
+    )
+    group.add_argument(
+        "--model-args",
+        default=None,
+        metavar="K=V,...",
+        help="more from_pretrained keywords, lm-eval style: attn_implementation=sdpa,low_cpu_mem_usage=true",
+    )
+
+
+def _add_fitting(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fitting (see docs/core.md)")
+    group.add_argument(
+        "--ridge",
+        type=ridge_of,
+        default=None,
+        help="relative ridge of the least-squares fits: a number >= 0 (lambda = ridge * mean(diag(X^T X))), "
+        "cv (K-fold cross-validation over whole calibration sequences) or gcv (default: 0)",
+    )
+    group.add_argument(
+        "--rank", type=rank_of, default=None, help="rank of the lowrank family: an integer, or cv (default: d/4)"
+    )
+    group.add_argument(
+        "--solver",
+        default="auto",
+        choices=["auto", "cholesky", "qr", "svd", "eigh"],
+        help="solver of the full, lowrank and symmetric fits (default: auto, its decision list in docs/core.md)",
+    )
+    group.add_argument(
+        "--product-dtype",
+        default=None,
+        choices=["float32", "float64"],
+        help="precision of the per-chunk statistics products; float32 is the fast mode, summed in float64 "
+        "(default: float64)",
+    )
+    group.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=["float32", "float64"],
+        help="matmul dtype of the inserted operators, e.g. float32 for a bf16 model (default: the model's)",
     )
 
 
@@ -238,6 +290,7 @@ def _add_selection_commands(subparsers: Any, prune_parser: argparse.ArgumentPars
     )
     _add_calibration(sel, required=True)
     _add_strategy_options(sel)
+    _add_loading(sel)
     _add_runtime(sel)
     sel.set_defaults(func=commands.select)
 
@@ -293,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--plot", metavar="FILE.png", help="also write a bar plot of perplexity per method")
     _add_calibration(prune, required=True)
     _add_evaluation(prune, num_eval_default=None)
+    _add_fitting(prune)
     _add_output(prune)
+    _add_loading(prune)
     _add_runtime(prune)
     prune.set_defaults(func=commands.prune)
 
@@ -319,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         num_eval_default=None,
         self_source="MODEL_OR_DIR itself (seeded; comparable only between runs on the same model)",
     )
+    _add_loading(ev)
     _add_runtime(ev)
     ev.set_defaults(func=commands.evaluate, calib_text=None)
 
@@ -348,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=positive, default=None, help="tokens per calibration window (default: model's)"
     )
     _add_calibration(diag, required=True)
+    _add_loading(diag)
     _add_runtime(diag)
     diag.set_defaults(func=commands.diagnose)
 
@@ -407,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-first-token", action="store_true", help="exclude the BOS position from the statistics"
     )
     _add_evaluation(demo, num_eval_default=DEMO_NUM_EVAL, seq_len_default=DEMO_SEQ_LEN)
+    _add_fitting(demo)
     _add_runtime(demo, batch_size=None, threads=1)
     demo.set_defaults(func=commands.demo)
 

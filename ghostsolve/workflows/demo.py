@@ -79,6 +79,7 @@ def demo(
     progress: bool = True,
     model_dir: str | Path | None = None,
     distributed: DistributedContext | None = None,
+    **fit_options: Any,
 ) -> PruneResult:
     """Run :func:`~ghostsolve.workflows.prune` on the bundled demo model and write ``out``.
 
@@ -122,7 +123,7 @@ def demo(
         num_drop=num_drop if select is not None else None, select_options=select_options, methods=methods,
         order=order,
         skip_first_token=skip_first_token, batch_size=batch_size, save_method=DEMO_SAVED_METHOD,
-        model_name="ghostsolve-demo", progress=progress, distributed=distributed,
+        model_name="ghostsolve-demo", progress=progress, distributed=distributed, **fit_options,
         extra={"demo_model": str(folder), "seed": seed, "order": order, "removal": removal,
                "calibration": _describe(calibration, calib), "evaluation": _describe(evaluation, evalw)},
     )  # fmt: skip

@@ -155,11 +155,12 @@ def prune(
     order: str = "independent",
     capture: str = "hooks",
     device: torch.device | str | None = None,
-    ridge: float | None = None,
+    ridge: float | str | None = None,
     solver: str = "auto",
-    rank: int | None = None,
+    rank: int | str | None = None,
     skip_first_token: bool = False,
     compute_dtype: torch.dtype | None = None,
+    product_dtype: torch.dtype | None = None,
     batch_size: int = 8,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -190,8 +191,9 @@ def prune(
     methods : sequence of str
         Recovery methods (:data:`~ghostsolve.pipeline.recover.METHODS`), run in order; the first is saved
         unless ``save_method`` says otherwise.
-    order, capture, device, ridge, solver, rank, skip_first_token, compute_dtype
-        As :func:`ghostsolve.pipeline.recover.recover`.
+    order, capture, device, ridge, solver, rank, skip_first_token, compute_dtype, product_dtype
+        As :func:`ghostsolve.pipeline.recover.recover` (``ridge="cv"`` and ``rank="cv"`` choose by
+        cross-validation over whole calibration sequences).
     batch_size : int
         Windows per forward pass, for calibration and evaluation.
     out : path, optional
@@ -236,7 +238,7 @@ def prune(
         model, drop, mine, methods, clock, evaluation, batch_size, progress, save_method,
         stats=selection.stats if selection is not None else None, order=order, capture=capture, device=device,
         ridge=ridge, solver=solver, rank=rank, skip_first_token=skip_first_token, compute_dtype=compute_dtype,
-        distributed=distributed,
+        product_dtype=product_dtype, distributed=distributed,
     )  # fmt: skip
     name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
     if out is not None and kept is not None:
