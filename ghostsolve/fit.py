@@ -147,7 +147,7 @@ class FitDiagnostics:
 
     @functools.cached_property
     def normal_equation_residual(self) -> float:
-        if self._evaluation is not None:
+        if self._evaluation is not None and self._evaluation.ne_residual is not None:
             return self._evaluation.ne_residual
         M = self._delta().double()
         G = self._stats.xtx.double()
@@ -308,19 +308,27 @@ class Evaluation:
     Attributes
     ----------
     value : float
-        ``Σ ‖x M − (y − x)‖²`` as computed (through ``R`` when known, else ``tr(Mᵀ(GM − 2B)) + ‖D‖²``).
+        ``Σ ‖x M − (y − x)‖²`` as computed: through ``R`` when known, else ``tr(Mᵀ(GM − 2B)) + ‖D‖²``, or,
+        for a solve certified by ``auto`` (float64 cholesky with ``cond ≤ κ_safe``), from the normal
+        equations as ``‖D‖² − tr(MᵀB) − λ‖M‖²`` (see :func:`evaluate`).
     uncertainty : float
         Estimated rounding error ``δ`` of ``value`` (see :class:`FitDiagnostics`).
-    ne_residual : float
-        ``‖(G + λI) M − B‖ / ‖XᵀY‖``.
+    ne_residual : float or None
+        ``‖(G + λI) M − B‖ / ‖XᵀY‖``; None when not computed (a certified solve).
     low_precision : bool
         Whether the statistics were summed or multiplied in less than float64.
+    g_norm1, m_norm, b_norm, c_norm : float
+        ``‖XᵀX‖₁``, ``‖M‖``, ``‖Xᵀ(Y−X)‖``, ``‖XᵀY‖`` (Frobenius but the first), for the checks.
     """
 
     value: float
     uncertainty: float
-    ne_residual: float
+    ne_residual: float | None
     low_precision: bool
+    g_norm1: float = 0.0
+    m_norm: float = 0.0
+    b_norm: float = 0.0
+    c_norm: float = 0.0
 
     @property
     def resolved(self) -> bool:
@@ -332,33 +340,43 @@ class Evaluation:
         return self.value if self.resolved else max(self.value, 0.0) + self.uncertainty
 
 
-def evaluate(stats: Stats, M: torch.Tensor, lam: float) -> Evaluation:
+def evaluate(stats: Stats, M: torch.Tensor, lam: float, *, certified: bool = False) -> Evaluation:
     """Objective, its rounding uncertainty and the normal-equation residual of ``M`` on ``stats``.
 
-    One ``d × d`` product ``G M`` in float64 serves both the Gram-form objective and the residual.
+    One ``d × d`` product ``G M`` in float64 serves both the Gram-form objective and the residual. With
+    ``certified=True`` (a float64 cholesky solve whose conditioning ``auto`` vetted) the product is
+    skipped: ``tr(MᵀGM) = tr(MᵀB) − λ‖M‖² + tr(MᵀR)`` with ``R`` the normal-equation residual, which a
+    backward-stable solve keeps below ``c · eps · ‖G‖‖M‖``; that bound on ``|tr(MᵀR)|`` is added to the
+    uncertainty, so the reported objective stays honest.
     """
     dev = stats.device
     M = M.to(dtype=torch.float64, device=dev)
     G = stats.xtx.double()
     B = stats.xtd.double()
     dtd = float(stats.dtd)
-    GM = G @ M
-    if stats.r_factor is not None:
-        # through R: a sum of squares, no cancellation
-        R = stats.r_factor.double()
-        d = stats.dim
-        value = float(torch.linalg.matrix_norm(R[:, :d] @ M - R[:, d:]) ** 2)
-    else:
-        value = float((M * (GM - 2 * B)).sum()) + dtd
-    res = GM.add_(M, alpha=lam).sub_(B)
-    den = float(torch.linalg.matrix_norm(G + B))
-    ne = float(torch.linalg.matrix_norm(res))
     u = max(eps(stats.dtype), eps(stats.product_dtype)) / 2
     c = 8 * (math.sqrt(max(stats.n_rows, 1)) + stats.dim)
     m_norm = float(torch.linalg.matrix_norm(M))
+    b_norm = float(torch.linalg.matrix_norm(B))
     g1 = float(G.abs().sum(dim=0).max())  # ‖G‖₁ ≥ ‖G‖₂ for symmetric G, O(d²)
-    delta = c * u * (g1 * m_norm * m_norm + 2 * float(torch.linalg.matrix_norm(B)) * m_norm + abs(dtd))
-    return Evaluation(value, delta, ne / den if den > 0 else ne, u > eps(torch.float64))
+    c_norm = float(torch.linalg.matrix_norm(G + B))
+    delta = c * u * (g1 * m_norm * m_norm + 2 * b_norm * m_norm + abs(dtd))
+    ne: float | None = None
+    if certified and stats.r_factor is None:
+        value = dtd - float((M * B).sum()) - lam * m_norm * m_norm
+        delta += c * eps(torch.float64) * g1 * m_norm * m_norm
+    else:
+        GM = G @ M
+        if stats.r_factor is not None:
+            # through R: a sum of squares, no cancellation
+            R = stats.r_factor.double()
+            d = stats.dim
+            value = float(torch.linalg.matrix_norm(R[:, :d] @ M - R[:, d:]) ** 2)
+        else:
+            value = float((M * (GM - 2 * B)).sum()) + dtd
+        ne = float(torch.linalg.matrix_norm(GM.add_(M, alpha=lam).sub_(B)))
+        ne = ne / c_norm if c_norm > 0 else ne
+    return Evaluation(value, delta, ne, u > eps(torch.float64), g1, m_norm, b_norm, c_norm)
 
 
 def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | str | None:
@@ -556,7 +574,10 @@ def fit(
     problem = make_problem(stats, dtype, lam_rel)
     problem.factor64 = factor
     res = solve_family(family, problem, stats, resolved, rank_, checked=checked)
-    out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank_, [*cv.pop("notes"), *notes])
+    # auto vetted cond(XᵀX+λI) ≤ κ_safe(float64) and cholesky succeeded: backward stable, residual bounded
+    certified = checked and family == "full" and res.solver == "cholesky" and dtype == torch.float64
+    notes = [*cv.pop("notes"), *notes]
+    out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank_, notes, certified)
     out.diagnostics.ridge_cv, out.diagnostics.rank_cv = cv["ridge"], cv["rank"]
     _warn_if_suspect(out, res, stats)
     return out
@@ -641,9 +662,10 @@ def _make_fit(
     ridge: float,
     rank: int | None,
     notes: list[str],
+    certified: bool = False,
 ) -> Fit:
     M = res.delta if res.delta is not None else _product(res.factors)
-    ev = evaluate(stats, M, problem.lam)
+    ev = evaluate(stats, M, problem.lam, certified=certified)
     objective = ev.objective
     dtd = float(stats.dtd)
     if dtd > 0:
@@ -714,18 +736,17 @@ def _suspect(f: Fit, res: FamilyResult, stats: Stats) -> list[str]:
             f"the operator ignores {spanned - res.rank} directions the rows span: use solver='qr' or "
             "'auto', dtype=torch.float64, or a ridge"
         )
-    elif f.family == "full" and (stats.n_rows >= d or f.lam > 0):
-        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot see)
+    elif f.family == "full" and ev.ne_residual is not None and (stats.n_rows >= d or f.lam > 0):
+        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot
+        # see; a certified cholesky solve has no residual computed: its conditioning already bounds it)
         c = 8 * (math.sqrt(max(stats.n_rows, 1)) + d)
-        scale = float(stats.xtx.double().abs().sum(dim=0).max()) * float(torch.linalg.matrix_norm(f.delta))
-        scale += float(torch.linalg.matrix_norm(stats.xtd.double()))
-        den = float(torch.linalg.matrix_norm(stats.xty.double()))
-        level = c * eps(dtype) * scale / den if den > 0 else 0.0
+        scale = ev.g_norm1 * ev.m_norm + ev.b_norm
+        level = c * eps(dtype) * scale / ev.c_norm if ev.c_norm > 0 else 0.0
         if level > 0 and ev.ne_residual > _NE_FAR * level:
             out.append(
                 f"the normal-equation residual {ev.ne_residual:.2g} is {ev.ne_residual / level:.3g}× the "
-                f"level "
-                f"{level:.2g} of {dtype}: the solve failed; use solver='qr' or 'svd', or dtype=torch.float64"
+                f"level {level:.2g} of {dtype}: the solve failed; use solver='qr' or 'svd', or "
+                "dtype=torch.float64"
             )
     if ev.low_precision and not ev.resolved:
         out.append(

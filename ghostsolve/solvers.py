@@ -373,11 +373,12 @@ def solve(problem: Problem, solver: str, *, checked: bool = False) -> Solution:
 
 
 def _cholesky(p: Problem, warn: bool = True) -> Solution:
+    if p.factor64 is not None and p.dtype == torch.float64 and not warn:
+        M = _chol_solve(p.factor64, p.B)  # auto factored this very matrix while vetting it
+        if all_finite(M):
+            return Solution(M, "cholesky")
     A = _shifted(p.G, p.lam)
-    if p.factor64 is not None and A.dtype == torch.float64:
-        L, info = p.factor64, torch.zeros((), dtype=torch.int32)
-    else:
-        L, info = torch.linalg.cholesky_ex(A)
+    L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         M = _chol_solve(L, p.B)
         if all_finite(M):
