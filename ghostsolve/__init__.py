@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .crossval import CV_RIDGES, CVResult, FoldedStats
 from .diagnostics import Diagnostics, PrecisionTable, compare_precisions, diagnose
 from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError, NumericalError
 from .families import FAMILIES
@@ -25,11 +26,14 @@ from .solvers import SOLVERS, SolverChoice, choose_solver
 from .stats import Stats
 
 __all__ = [
+    "CV_RIDGES",
     "FAMILIES",
     "SOLVERS",
+    "CVResult",
     "Diagnostics",
     "Fit",
     "FitDiagnostics",
+    "FoldedStats",
     "GhostsolveError",
     "IllConditionedWarning",
     "NonFiniteInputError",

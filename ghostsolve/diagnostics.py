@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .crossval import CVResult, FoldedStats, cv_ridge, gcv_ridge
 from .errors import GhostsolveError, IllConditionedWarning
 from .families import stats_features
 from .solvers import SOLVERS, check_ridge, choose_solver, kappa_safe, rank_cutoff, relative_lambda
@@ -48,6 +49,8 @@ class Diagnostics:
         Whether float32 chunk products keep the operator accurate to about 1e-3.
     notes : list of str
         Plain-language advice.
+    ridge_cv : CVResult or None
+        With ``ridge="cv"``/``"gcv"``: the cross-validation curve whose chosen ridge the report assumes.
     """
 
     dim: int
@@ -62,6 +65,7 @@ class Diagnostics:
     recommended_dtype: torch.dtype
     fast_mode_safe: bool
     notes: tuple[str, ...]
+    ridge_cv: CVResult | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         lines = [
@@ -75,12 +79,18 @@ class Diagnostics:
             f"  fast mode (fp32 products) safe: {'yes' if self.fast_mode_safe else 'no'}",
         ]
         lines += [f"  - {n}" for n in self.notes]
+        if self.ridge_cv is not None:
+            lines += ["  " + line for line in str(self.ridge_cv).splitlines()]
         return "\n".join(lines)
 
 
 def _stats_of(X_or_stats: Any, Y: Any = None) -> Stats:
     from .fit import accumulate
 
+    if isinstance(X_or_stats, FoldedStats):
+        if Y is not None:
+            raise GhostsolveError("diagnose(stats) takes no Y: the statistics already hold it")
+        return X_or_stats.total
     if isinstance(X_or_stats, Stats):
         if Y is not None:
             raise GhostsolveError("diagnose(stats) takes no Y: the statistics already hold it")
@@ -122,17 +132,33 @@ def _data_notes(stats: Stats, ridge: float, eff: int, ratio: float) -> list[str]
     return notes
 
 
-def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnostics:
+def _ridge_choice(X_or_stats: Any, stats: Stats, ridge: Any) -> tuple[float, CVResult | None]:
+    if not (isinstance(ridge, str) and ridge in ("cv", "gcv")):
+        return check_ridge(ridge), None
+    if ridge == "gcv":
+        cv = gcv_ridge(stats)
+    elif isinstance(X_or_stats, FoldedStats):
+        cv = cv_ridge(X_or_stats)
+    else:
+        raise GhostsolveError(
+            "diagnose(..., ridge='cv') needs a FoldedStats; with a single Stats use ridge='gcv'"
+        )
+    return cv.chosen, cv
+
+
+def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float | str = 0.0) -> Diagnostics:
     """Conditioning report with a recommended solver and precision.
 
     Parameters
     ----------
-    X_or_stats : (n_tokens, d) tensor or array, or Stats
+    X_or_stats : (n_tokens, d) tensor or array, Stats, or FoldedStats
         Calibration rows (only ``X`` matters for conditioning) or their statistics.
     Y : (n_tokens, d), optional
-        Ignored for conditioning; accepted for symmetry with :func:`ghostsolve.fit`.
-    ridge : float
-        Relative ridge the report should assume.
+        Ignored for conditioning, except by ``ridge="gcv"``; accepted for symmetry with
+        :func:`ghostsolve.fit`.
+    ridge : float, "cv" or "gcv"
+        Relative ridge the report should assume; ``"cv"`` (a ``FoldedStats``) or ``"gcv"`` chooses it as
+        :func:`ghostsolve.fit` would, and the report prints the whole curve.
 
     Returns
     -------
@@ -149,11 +175,11 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
     Computes the full eigendecomposition of ``XᵀX`` in float64: ``O(d³)``, seconds for ``d`` in the
     thousands.
     """
-    ridge = check_ridge(ridge)
     stats = _stats_of(X_or_stats, Y)
     stats.check_statistics()
     if stats.n_rows <= 0:
         raise GhostsolveError("the statistics hold no rows (n_rows=0); nothing to diagnose")
+    ridge, cv = _ridge_choice(X_or_stats, stats, ridge)
     d = stats.dim
     G = stats.xtx.double().clone()
     lam = relative_lambda(G, ridge)
@@ -188,6 +214,7 @@ def diagnose(X_or_stats: Any, Y: Any = None, *, ridge: float = 0.0) -> Diagnosti
         recommended_dtype=dtype,
         fast_mode_safe=fast_ok,
         notes=tuple(notes),
+        ridge_cv=cv,
     )
 
 

@@ -17,6 +17,16 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from .crossval import (
+    CV_RIDGES,
+    CVResult,
+    FoldedStats,
+    accumulate_folds,
+    cv_rank,
+    cv_ridge,
+    gcv_ridge,
+    ridge_applies,
+)
 from .errors import GhostsolveError, IllConditionedWarning, NonFiniteInputError
 from .families import CLOSED_FORM, FAMILIES, MAGNITUDE, FamilyResult, solve_family, stats_features
 from .solvers import (
@@ -67,6 +77,9 @@ class FitDiagnostics:
         ``‖M − Mᵀ‖ / (2‖M‖)``: 0 for symmetric ``M``; the share no symmetric family can reach.
     notes : list of str
         Fallbacks and choices made (e.g. ``auto`` picking a solver, cholesky falling back).
+    ridge_cv, rank_cv : CVResult or None
+        The cross-validation curves when ``ridge``/``rank`` was ``"cv"`` or ``"gcv"``
+        (:class:`~ghostsolve.crossval.CVResult`: grid, scores, per-fold scores, chosen value).
     fast_mode_safe : bool
         Whether fp32 chunk products (``Stats(product_dtype=torch.float32)``) keep the operator accurate to
         about 1e-3: ``cond(XᵀX + λI) ≤ 1e-3 / eps32 ≈ 8.4e3`` (estimate). A ridge makes it safer.
@@ -85,6 +98,8 @@ class FitDiagnostics:
     ) -> None:
         self._stats = stats
         self._evaluation = evaluation
+        self.ridge_cv: CVResult | None = None
+        self.rank_cv: CVResult | None = None
         self._lam = lam
         self._delta = delta
         self.notes = list(notes)
@@ -132,7 +147,7 @@ class FitDiagnostics:
 
     @functools.cached_property
     def normal_equation_residual(self) -> float:
-        if self._evaluation is not None:
+        if self._evaluation is not None and self._evaluation.ne_residual is not None:
             return self._evaluation.ne_residual
         M = self._delta().double()
         G = self._stats.xtx.double()
@@ -162,6 +177,8 @@ class FitDiagnostics:
             "skew_share": self.skew_share,
             "fast_mode_safe": self.fast_mode_safe,
             "notes": list(self.notes),
+            "ridge_cv": None if self.ridge_cv is None else self.ridge_cv.as_dict(),
+            "rank_cv": None if self.rank_cv is None else self.rank_cv.as_dict(),
         }
 
     def __repr__(self) -> str:
@@ -265,8 +282,10 @@ class Fit:
             return h + (h @ U) @ V.T
         return h + h @ self.delta.to(dtype=h.dtype, device=h.device)
 
-    def objective_on(self, stats: Stats) -> float:
+    def objective_on(self, stats: Stats | FoldedStats) -> float:
         """``Σ ‖x W − y‖²`` of this operator on the rows summarized by other ``stats`` (e.g. held out)."""
+        if isinstance(stats, FoldedStats):
+            stats = stats.total
         if not isinstance(stats, Stats):
             raise GhostsolveError(f"objective_on needs Stats, got {type(stats).__name__}")
         if stats.dim != self.dim:
@@ -289,19 +308,27 @@ class Evaluation:
     Attributes
     ----------
     value : float
-        ``Σ ‖x M − (y − x)‖²`` as computed (through ``R`` when known, else ``tr(Mᵀ(GM − 2B)) + ‖D‖²``).
+        ``Σ ‖x M − (y − x)‖²`` as computed: through ``R`` when known, else ``tr(Mᵀ(GM − 2B)) + ‖D‖²``, or,
+        for a solve certified by ``auto`` (float64 cholesky with ``cond ≤ κ_safe``), from the normal
+        equations as ``‖D‖² − tr(MᵀB) − λ‖M‖²`` (see :func:`evaluate`).
     uncertainty : float
         Estimated rounding error ``δ`` of ``value`` (see :class:`FitDiagnostics`).
-    ne_residual : float
-        ``‖(G + λI) M − B‖ / ‖XᵀY‖``.
+    ne_residual : float or None
+        ``‖(G + λI) M − B‖ / ‖XᵀY‖``; None when not computed (a certified solve).
     low_precision : bool
         Whether the statistics were summed or multiplied in less than float64.
+    g_norm1, m_norm, b_norm, c_norm : float
+        ``‖XᵀX‖₁``, ``‖M‖``, ``‖Xᵀ(Y−X)‖``, ``‖XᵀY‖`` (Frobenius but the first), for the checks.
     """
 
     value: float
     uncertainty: float
-    ne_residual: float
+    ne_residual: float | None
     low_precision: bool
+    g_norm1: float = 0.0
+    m_norm: float = 0.0
+    b_norm: float = 0.0
+    c_norm: float = 0.0
 
     @property
     def resolved(self) -> bool:
@@ -313,36 +340,46 @@ class Evaluation:
         return self.value if self.resolved else max(self.value, 0.0) + self.uncertainty
 
 
-def evaluate(stats: Stats, M: torch.Tensor, lam: float) -> Evaluation:
+def evaluate(stats: Stats, M: torch.Tensor, lam: float, *, certified: bool = False) -> Evaluation:
     """Objective, its rounding uncertainty and the normal-equation residual of ``M`` on ``stats``.
 
-    One ``d × d`` product ``G M`` in float64 serves both the Gram-form objective and the residual.
+    One ``d × d`` product ``G M`` in float64 serves both the Gram-form objective and the residual. With
+    ``certified=True`` (a float64 cholesky solve whose conditioning ``auto`` vetted) the product is
+    skipped: ``tr(MᵀGM) = tr(MᵀB) − λ‖M‖² + tr(MᵀR)`` with ``R`` the normal-equation residual, which a
+    backward-stable solve keeps below ``c · eps · ‖G‖‖M‖``; that bound on ``|tr(MᵀR)|`` is added to the
+    uncertainty, so the reported objective stays honest.
     """
     dev = stats.device
     M = M.to(dtype=torch.float64, device=dev)
     G = stats.xtx.double()
     B = stats.xtd.double()
     dtd = float(stats.dtd)
-    GM = G @ M
-    if stats.r_factor is not None:
-        # through R: a sum of squares, no cancellation
-        R = stats.r_factor.double()
-        d = stats.dim
-        value = float(torch.linalg.matrix_norm(R[:, :d] @ M - R[:, d:]) ** 2)
-    else:
-        value = float((M * (GM - 2 * B)).sum()) + dtd
-    res = GM.add_(M, alpha=lam).sub_(B)
-    den = float(torch.linalg.matrix_norm(G + B))
-    ne = float(torch.linalg.matrix_norm(res))
     u = max(eps(stats.dtype), eps(stats.product_dtype)) / 2
     c = 8 * (math.sqrt(max(stats.n_rows, 1)) + stats.dim)
     m_norm = float(torch.linalg.matrix_norm(M))
+    b_norm = float(torch.linalg.matrix_norm(B))
     g1 = float(G.abs().sum(dim=0).max())  # ‖G‖₁ ≥ ‖G‖₂ for symmetric G, O(d²)
-    delta = c * u * (g1 * m_norm**2 + 2 * float(torch.linalg.matrix_norm(B)) * m_norm + abs(dtd))
-    return Evaluation(value, delta, ne / den if den > 0 else ne, u > eps(torch.float64))
+    c_norm = float(torch.linalg.matrix_norm(G + B))
+    delta = c * u * (g1 * m_norm * m_norm + 2 * b_norm * m_norm + abs(dtd))
+    ne: float | None = None
+    if certified and stats.r_factor is None:
+        value = dtd - float((M * B).sum()) - lam * m_norm * m_norm
+        delta += c * eps(torch.float64) * g1 * m_norm * m_norm
+    else:
+        GM = G @ M
+        if stats.r_factor is not None:
+            # through R: a sum of squares, no cancellation
+            R = stats.r_factor.double()
+            d = stats.dim
+            value = float(torch.linalg.matrix_norm(R[:, :d] @ M - R[:, d:]) ** 2)
+        else:
+            value = float((M * (GM - 2 * B)).sum()) + dtd
+        ne = float(torch.linalg.matrix_norm(GM.add_(M, alpha=lam).sub_(B)))
+        ne = ne / c_norm if c_norm > 0 else ne
+    return Evaluation(value, delta, ne, u > eps(torch.float64), g1, m_norm, b_norm, c_norm)
 
 
-def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | None:
+def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | str | None:
     """Check the names and the rank; returns the rank as an int (or None)."""
     if family not in FAMILIES:
         raise GhostsolveError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
@@ -352,7 +389,11 @@ def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | 
     if family == "lowrank":
         if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and int(rank) >= 0:
             return int(rank)
-        raise GhostsolveError(f"family='lowrank' needs rank=r, an int with 0 ≤ r ≤ d; got rank={rank!r}")
+        if rank == "cv":
+            return "cv"
+        raise GhostsolveError(
+            f"family='lowrank' needs rank=r, an int with 0 ≤ r ≤ d, or rank='cv'; got rank={rank!r}"
+        )
     if rank is not None:
         raise GhostsolveError(f"rank={rank!r} is only used by family='lowrank' (got family={family!r})")
     return None
@@ -401,17 +442,24 @@ def accumulate(
 
 
 def _statistics(
-    X_or_stats: Any, Y: Any, weights: Any, features: dict[str, bool], caller: str = "fit"
-) -> tuple[Stats, tuple[Any, Any, Any] | None]:
-    """The statistics to fit from, and the raw rows when they were given (for a second TSQR pass)."""
-    raw = None
-    if isinstance(X_or_stats, Stats):
-        if Y is not None or weights is not None:
+    X_or_stats: Any,
+    Y: Any,
+    weights: Any,
+    features: dict[str, bool],
+    caller: str = "fit",
+    folds: Any = None,
+) -> tuple[Stats, tuple[Any, Any, Any] | None, FoldedStats | None]:
+    """The statistics to fit from, the raw rows when they were given (for a second TSQR pass), and the
+    fold statistics when there are folds (a ``FoldedStats``, or raw rows with ``folds`` labels)."""
+    raw, folded = None, None
+    if isinstance(X_or_stats, (Stats, FoldedStats)):
+        if Y is not None or weights is not None or folds is not None:
             raise GhostsolveError(
-                f"{caller}(stats) takes no Y or weights: they are already in the statistics"
+                f"{caller}(stats) takes no Y, weights or folds: they are already in the statistics"
             )
         X_or_stats.check_statistics()
-        stats = X_or_stats
+        folded = X_or_stats if isinstance(X_or_stats, FoldedStats) else None
+        stats = X_or_stats.total if isinstance(X_or_stats, FoldedStats) else X_or_stats
     else:
         if Y is None:
             raise GhostsolveError(
@@ -420,15 +468,15 @@ def _statistics(
         raw = (X_or_stats, Y, weights)
         # Exact (float64) statistics whatever the working dtype: the objective is then evaluated on what
         # the rows really are, and a float32 solve is judged by its own error, not the statistics'.
-        stats = accumulate(
-            *raw,
-            qr=features["qr"],
-            magnitudes=features["magnitudes"],
-            hadamard_magnitudes=features["hadamard_magnitudes"],
-        )
+        mag, hmag = features["magnitudes"], features["hadamard_magnitudes"]
+        if folds is not None:
+            folded = accumulate_folds(X_or_stats, Y, folds, weights, magnitudes=mag, hadamard_magnitudes=hmag)
+            stats = folded.total
+        else:
+            stats = accumulate(*raw, qr=features["qr"], magnitudes=mag, hadamard_magnitudes=hmag)
     if stats.n_rows <= 0:
         raise GhostsolveError("the statistics hold no rows (n_rows=0); feed rows with Stats.update first")
-    return stats, raw
+    return stats, raw, folded
 
 
 def fit(
@@ -437,18 +485,22 @@ def fit(
     *,
     family: str = "full",
     solver: str = "auto",
-    ridge: float = 0.0,
+    ridge: float | str = 0.0,
     dtype: torch.dtype = torch.float64,
-    rank: int | None = None,
+    rank: int | str | None = None,
     weights: Any = None,
+    folds: Any = None,
+    ridge_grid: Sequence[float] = CV_RIDGES,
 ) -> Fit:
     """Fit the operator ``W = I + M`` minimizing ``Σ_rows ‖x W − y‖² + λ‖M‖²`` over a family.
 
     Parameters
     ----------
-    X_or_stats : (n_tokens, d) tensor or array, or Stats
+    X_or_stats : (n_tokens, d) tensor or array, Stats, or FoldedStats
         Rows entering the first removed layer (any float dtype; leading dims are flattened), or
-        precomputed statistics (then ``Y`` and ``weights`` must be None).
+        precomputed statistics (then ``Y``, ``weights`` and ``folds`` must be None). A
+        :class:`~ghostsolve.crossval.FoldedStats` is fitted as the sum of its folds; its folds serve
+        ``ridge="cv"`` and ``rank="cv"``.
     Y : (n_tokens, d) tensor or array, optional
         Rows entering the first kept layer after the removed block.
     family : str, default "full"
@@ -456,16 +508,29 @@ def fit(
     solver : str, default "auto"
         One of :data:`SOLVERS` (see :mod:`ghostsolve.solvers`); used by ``full``, ``lowrank`` and
         ``symmetric``. ``auto`` follows :func:`ghostsolve.solvers.choose_solver`.
-    ridge : float, default 0
+    ridge : float, "cv" or "gcv", default 0
         Relative ridge: ``λ = ridge · mean(diag(XᵀX))``; any real number type (numpy scalars too).
+        ``"cv"`` chooses it on ``ridge_grid`` by exact K-fold cross-validation over the folds (a
+        ``FoldedStats``, or ``folds`` labels with raw rows), ``"gcv"`` by generalised cross-validation
+        of the full operator on the summed statistics (see :mod:`ghostsolve.crossval` for the rule). The
+        chosen value is :attr:`Fit.ridge`; the curve is ``Fit.diagnostics.ridge_cv``. Families without a
+        ridge (identity, the magnitude rules) are fitted as they are, with a note. ``lowrank`` with
+        ``rank="cv"`` takes the ridge chosen for ``full``; ``gcv`` is the full operator's criterion for
+        every family.
     dtype : torch.float64 or torch.float32
         Working precision of the solve. With raw ``X, Y`` the statistics are always exact float64 sums
         of float64 products (so :attr:`Fit.objective` measures the operator on the rows themselves);
         with ``Stats`` they are cast to ``dtype`` for the solve.
-    rank : int, optional
-        Rank ``r`` of ``lowrank`` (``0 ≤ r ≤ d``; ``r = d`` equals ``full``).
+    rank : int or "cv", optional
+        Rank ``r`` of ``lowrank`` (``0 ≤ r ≤ d``; ``r = d`` equals ``full``); ``"cv"`` chooses it among
+        ``0…d`` by K-fold cross-validation (curve in ``Fit.diagnostics.rank_cv``).
     weights : (n_tokens,) tensor, optional
         Nonnegative row weights (e.g. a padding mask); only with raw ``X, Y``.
+    folds : (n_tokens,) integer tensor, optional
+        With raw ``X, Y``: the fold of each row, ``0…K−1`` (give all tokens of a sequence one label).
+    ridge_grid : sequence of float
+        Relative ridges tried by ``ridge="cv"``/``"gcv"`` (default :data:`~ghostsolve.crossval.CV_RIDGES`:
+        0 and 1e-8…10 in half decades).
 
     Returns
     -------
@@ -476,7 +541,8 @@ def fit(
     GhostsolveError
         Unknown family or solver (lists the valid ones); shape or dtype mismatch; NaN/Inf rows; fewer
         rows than ``d`` with ``cholesky``/``qr`` and no ridge; ``rank > d``; ``qr`` on ``Stats`` without a
-        TSQR factor; an unsupported ``d`` for the hadamard families.
+        TSQR factor; an unsupported ``d`` for the hadamard families; ``ridge="cv"`` or ``rank="cv"``
+        without at least two folds holding rows.
     NumericalError
         Non-finite statistics (e.g. from a corrupted state dict).
 
@@ -495,21 +561,70 @@ def fit(
     >>> bool(torch.allclose(f.weight, W_true))
     True
     """
-    rank = _validate(family, solver, dtype, rank)
-    lam_rel = check_ridge(ridge)
+    rank_in = _validate(family, solver, dtype, rank)
+    lam_in = ridge if isinstance(ridge, str) and ridge in ("cv", "gcv") else check_ridge(ridge)
     # only what the family (and an explicitly named solver) needs: see Stats.for_families
     features = stats_features([family], [solver] if family not in CLOSED_FORM else [])
-    stats, raw = _statistics(X_or_stats, Y, weights, features)
+    stats, raw, folded = _statistics(X_or_stats, Y, weights, features, folds=folds)
     d = stats.dim
-    if rank is not None and rank > d:
-        raise GhostsolveError(f"rank={rank} exceeds d={d}; use rank ≤ {d} (rank={d} equals family='full')")
+    if isinstance(rank_in, int) and rank_in > d:
+        raise GhostsolveError(f"rank={rank_in} exceeds d={d}; use rank ≤ {d} (rank={d} equals family='full')")
+    lam_rel, rank_, cv = _cross_validate(family, lam_in, rank_in, stats, folded, ridge_grid)
     resolved, checked, notes, stats, factor = _resolve_solver(family, solver, stats, dtype, lam_rel, raw)
     problem = make_problem(stats, dtype, lam_rel)
     problem.factor64 = factor
-    res = solve_family(family, problem, stats, resolved, rank, checked=checked)
-    out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank, notes)
+    res = solve_family(family, problem, stats, resolved, rank_, checked=checked)
+    # auto vetted cond(XᵀX+λI) ≤ κ_safe(float64) and cholesky succeeded: backward stable, residual bounded
+    certified = checked and family == "full" and res.solver == "cholesky" and dtype == torch.float64
+    notes = [*cv.pop("notes"), *notes]
+    out = _make_fit(family, res, stats, problem, dtype, lam_rel, rank_, notes, certified)
+    out.diagnostics.ridge_cv, out.diagnostics.rank_cv = cv["ridge"], cv["rank"]
     _warn_if_suspect(out, res, stats)
     return out
+
+
+def _cross_validate(
+    family: str,
+    ridge: float | str,
+    rank: int | str | None,
+    stats: Stats,
+    folded: FoldedStats | None,
+    grid: Sequence[float],
+) -> tuple[float, int | None, dict[str, Any]]:
+    """The ridge and rank to fit with, after any ``"cv"``/``"gcv"`` choice, and the curves and notes."""
+    out: dict[str, Any] = {"ridge": None, "rank": None, "notes": []}
+    if isinstance(ridge, str) and not ridge_applies(family):
+        out["notes"].append(f"family={family!r} has no ridge; ridge={ridge!r} fitted it without one")
+        ridge = 0.0
+    if ridge == "gcv":
+        out["ridge"] = gcv_ridge(stats, grid=grid)
+    elif ridge == "cv":
+        if folded is None:
+            raise GhostsolveError(
+                "ridge='cv' needs folds: pass a FoldedStats, or raw X, Y with folds=<fold label per row>; "
+                "with a single Stats use ridge='gcv'"
+            )
+        fixed = rank if isinstance(rank, int) else None
+        out["ridge"] = cv_ridge(
+            folded,
+            family=family if fixed is not None or family != "lowrank" else "full",
+            grid=grid,
+            rank=fixed,
+        )
+    if out["ridge"] is not None:
+        ridge = out["ridge"].chosen
+        out["notes"].append(f"ridge {ridge:g} chosen by {out['ridge'].method} ({out['ridge'].rule})")
+    assert isinstance(ridge, float)
+    if rank == "cv":
+        if folded is None:
+            raise GhostsolveError(
+                "rank='cv' needs folds: pass a FoldedStats, or raw X, Y with folds=<fold label per row>"
+            )
+        out["rank"] = cv_rank(folded, ridge=ridge)
+        rank = int(out["rank"].chosen)
+        out["notes"].append(f"rank {rank} chosen by kfold ({out['rank'].rule})")
+    assert rank is None or isinstance(rank, int)
+    return ridge, rank, out
 
 
 def _resolve_solver(
@@ -547,9 +662,10 @@ def _make_fit(
     ridge: float,
     rank: int | None,
     notes: list[str],
+    certified: bool = False,
 ) -> Fit:
     M = res.delta if res.delta is not None else _product(res.factors)
-    ev = evaluate(stats, M, problem.lam)
+    ev = evaluate(stats, M, problem.lam, certified=certified)
     objective = ev.objective
     dtd = float(stats.dtd)
     if dtd > 0:
@@ -620,18 +736,17 @@ def _suspect(f: Fit, res: FamilyResult, stats: Stats) -> list[str]:
             f"the operator ignores {spanned - res.rank} directions the rows span: use solver='qr' or "
             "'auto', dtype=torch.float64, or a ridge"
         )
-    elif f.family == "full" and (stats.n_rows >= d or f.lam > 0):
-        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot see)
+    elif f.family == "full" and ev.ne_residual is not None and (stats.n_rows >= d or f.lam > 0):
+        # (with fewer rows than d and no ridge the minimum-norm solve leaves, by design, what XᵀX cannot
+        # see; a certified cholesky solve has no residual computed: its conditioning already bounds it)
         c = 8 * (math.sqrt(max(stats.n_rows, 1)) + d)
-        scale = float(stats.xtx.double().abs().sum(dim=0).max()) * float(torch.linalg.matrix_norm(f.delta))
-        scale += float(torch.linalg.matrix_norm(stats.xtd.double()))
-        den = float(torch.linalg.matrix_norm(stats.xty.double()))
-        level = c * eps(dtype) * scale / den if den > 0 else 0.0
+        scale = ev.g_norm1 * ev.m_norm + ev.b_norm
+        level = c * eps(dtype) * scale / ev.c_norm if ev.c_norm > 0 else 0.0
         if level > 0 and ev.ne_residual > _NE_FAR * level:
             out.append(
                 f"the normal-equation residual {ev.ne_residual:.2g} is {ev.ne_residual / level:.3g}× the "
-                f"level "
-                f"{level:.2g} of {dtype}: the solve failed; use solver='qr' or 'svd', or dtype=torch.float64"
+                f"level {level:.2g} of {dtype}: the solve failed; use solver='qr' or 'svd', or "
+                "dtype=torch.float64"
             )
     if ev.low_precision and not ev.resolved:
         out.append(
@@ -682,7 +797,7 @@ def ridge_path(
     """
     _validate("full", "eigh", dtype, None)
     values = [check_ridge(r) for r in ridges]
-    stats, _ = _statistics(X_or_stats, Y, weights, stats_features(["full"]), caller="ridge_path")
+    stats, _, _ = _statistics(X_or_stats, Y, weights, stats_features(["full"]), caller="ridge_path")
     base = make_problem(stats, dtype, 0.0)
     e, V, VtB = eig_decompose(base)
     fits = []

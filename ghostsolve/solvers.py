@@ -61,6 +61,7 @@ __all__ = [
     "kappa_safe",
     "make_problem",
     "rank_cutoff",
+    "ridge_weights",
     "solve",
     "split_r",
 ]
@@ -244,7 +245,7 @@ def _cond_gram_from_r(R11: torch.Tensor, G: torch.Tensor) -> float:
         return math.inf
     if R.shape[0] <= _EXACT_COND_MAX_D:
         s = torch.linalg.svdvals(R)
-        return math.inf if float(s[-1]) == 0 else float((s[0] / s[-1]) ** 2)
+        return math.inf if float(s[-1]) == 0 else float(s[0] / s[-1]) * float(s[0] / s[-1])
     return _pocon(R, G, upper=True)
 
 
@@ -372,11 +373,12 @@ def solve(problem: Problem, solver: str, *, checked: bool = False) -> Solution:
 
 
 def _cholesky(p: Problem, warn: bool = True) -> Solution:
+    if p.factor64 is not None and p.dtype == torch.float64 and not warn:
+        M = _chol_solve(p.factor64, p.B)  # auto factored this very matrix while vetting it
+        if all_finite(M):
+            return Solution(M, "cholesky")
     A = _shifted(p.G, p.lam)
-    if p.factor64 is not None and A.dtype == torch.float64:
-        L, info = p.factor64, torch.zeros((), dtype=torch.int32)
-    else:
-        L, info = torch.linalg.cholesky_ex(A)
+    L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         M = _chol_solve(L, p.B)
         if all_finite(M):
@@ -451,16 +453,21 @@ def eig_decompose(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return e, V, V.T @ p.B
 
 
-def eig_solution(e: torch.Tensor, V: torch.Tensor, VtB: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
-    """``M(λ) = V diag(1/(e + λ)) Vᵀ B`` truncated by the rank policy; returns ``(M, kept)``."""
+def ridge_weights(e: torch.Tensor, lam: float) -> torch.Tensor:
+    """``1/(e + λ)`` for the eigenvalues ``e`` of ``G`` that the rank policy keeps, 0 for the others."""
     d = e.shape[0]
     shifted = e + lam
     top = float(shifted.max()) if d else 0.0
     keep = shifted > rank_cutoff(d, e.dtype, from_gram=True) ** 2 * top
-    inv = torch.where(
+    return torch.where(
         keep, 1.0 / torch.where(keep, shifted, torch.ones_like(shifted)), torch.zeros_like(shifted)
     )
-    return V @ (inv.unsqueeze(1) * VtB), int(keep.sum())
+
+
+def eig_solution(e: torch.Tensor, V: torch.Tensor, VtB: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    """``M(λ) = V diag(1/(e + λ)) Vᵀ B`` truncated by the rank policy; returns ``(M, kept)``."""
+    inv = ridge_weights(e, lam)
+    return V @ (inv.unsqueeze(1) * VtB), int((inv > 0).sum())
 
 
 def _eig(p: Problem, name: str) -> Solution:

@@ -826,9 +826,11 @@ def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch
         c = np.zeros((d, d), dtype=Xn.dtype, order="F")  # calloc: the untouched triangle stays zero
         # Xnᵀ is the Fortran-ordered (d, n) view of the row-major rows: BLAS reads them without a copy
         U = torch.from_numpy(syrk(1.0, Xn.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1))
-        xx = U + U.mT
+        xx = U.mT + U  # U is column-major: its transpose first gives a row-major (contiguous) result
         xx.diagonal().sub_(U.diagonal())
-        return xx, torch.from_numpy(gemm(1.0, Xn.T, Dn.T, trans_b=1))
+        # BLAS returns column-major results: ask for DᵀX, whose column-major memory is XᵀD row-major, so
+        # the accumulator adds it contiguously (a transposed read costs ~4× here)
+        return xx, torch.from_numpy(gemm(1.0, Dn.T, Xn.T, trans_b=1)).T
     Z = Xp.as_strided((Xp.shape[0], 2 * d), Xp.stride())  # the (n, 2d) buffer both halves live in
     if path == "fused":
         P = Xp.T @ Z

@@ -71,7 +71,7 @@ def test_argument_errors(case) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(GhostsolveError, match=r"fit\(X, Y\) needs Y"):
         ghostsolve.fit(case.X)
     stats = Stats(8).update(case.X, case.Y)
-    with pytest.raises(GhostsolveError, match=r"fit\(stats\) takes no Y or weights"):
+    with pytest.raises(GhostsolveError, match=r"fit\(stats\) takes no Y, weights or folds"):
         ghostsolve.fit(stats, case.Y)
     with pytest.raises(GhostsolveError, match=r"X is \(64, 8\) but Y is \(64, 7\)"):
         ghostsolve.fit(case.X, case.Y[:, :7])

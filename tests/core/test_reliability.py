@@ -335,9 +335,11 @@ def _call(draw: st.DrawFn) -> dict[str, object]:
         "family": pick("family", list(ghostsolve.FAMILIES), ["bogus"]),
         "solver": pick("solver", list(ghostsolve.SOLVERS), ["lu"]),
         "ridge": pick(
-            "ridge", [0.0, 1e-3, 1.0, np.float32(0.1), 0], [-1.0, math.nan, math.inf, True, "x", None]
+            "ridge",
+            [0.0, 1e-3, 1.0, np.float32(0.1), 0, "gcv", "cv"],
+            [-1.0, math.nan, math.inf, True, "x", None],
         ),
-        "rank": pick("rank", [None], [d + 1, -1, 1.5, True, 1]),
+        "rank": pick("rank", [None], [d + 1, -1, 1.5, True, 1, "cv"]),
         "dtype": pick("work_dtype", [torch.float64, torch.float32], [torch.float16, "float32"]),
         "stats_kw": draw(
             st.fixed_dictionaries(
