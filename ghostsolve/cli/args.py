@@ -15,8 +15,8 @@ __all__ = [
     "check_drop_args",
     "drop_of",
     "loading_kwargs",
-    "model_args_of",
     "methods_of",
+    "model_args_of",
     "parse_layers",
     "positive",
     "rank_of",
@@ -210,7 +210,7 @@ def ridge_of(text: str) -> float | str:
 
 
 def rank_of(text: str) -> int | str:
-    """``--rank``: the rank of the ``lowrank`` family (an integer >= 0), or ``cv`` (chosen by cross-validation)."""
+    """``--rank``: the rank of the ``lowrank`` family (an integer >= 0), or ``cv`` (cross-validated)."""
     if text == "cv":
         return text
     try:

@@ -74,7 +74,7 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     # --layerwise keeps the model in host memory; capture onloads one decoder layer at a time. A device map
     # places the model itself.
     layerwise = getattr(args, "layerwise", False)
-    device = "cpu" if layerwise else resolve_cli_device(args.device, getattr(args, "dist", None))
+    device: str | None = "cpu" if layerwise else resolve_cli_device(args.device, getattr(args, "dist", None))
     if path.endswith(".gguf") or is_gguf_file(path):  # dequantized in memory; convert-gguf does it on disk
         if kwargs:
             raise GhostsolveError(
@@ -95,7 +95,8 @@ def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
         return None if name is None else getattr(torch, name)
 
     return {"ridge": args.ridge, "rank": args.rank, "solver": args.solver,
-            "product_dtype": dtype(args.product_dtype), "compute_dtype": dtype(args.compute_dtype)}  # fmt: skip
+            "product_dtype": dtype(args.product_dtype),
+            "compute_dtype": dtype(args.compute_dtype)}  # fmt: skip
 
 
 def _source(files: Any) -> Any:

@@ -100,13 +100,13 @@ def _add_fitting(parser: argparse.ArgumentParser) -> None:
         "cv (K-fold cross-validation over whole calibration sequences) or gcv (default: 0)",
     )
     group.add_argument(
-        "--rank", type=rank_of, default=None, help="rank of the lowrank family: an integer, or cv (default: d/4)"
+        "--rank", type=rank_of, default=None, help="lowrank family: the rank, an integer or cv (default d/4)"
     )
     group.add_argument(
         "--solver",
         default="auto",
         choices=["auto", "cholesky", "qr", "svd", "eigh"],
-        help="solver of the full, lowrank and symmetric fits (default: auto, its decision list in docs/core.md)",
+        help="solver of the full, lowrank and symmetric fits (default: auto, a decision list: docs/core.md)",
     )
     group.add_argument(
         "--product-dtype",

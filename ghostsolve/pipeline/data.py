@@ -228,7 +228,8 @@ def batches_from_windows(windows: torch.Tensor, batch_size: int) -> list[Batch]:
     Returns
     -------
     list of dict
-        ``{"input_ids": (b, seq_len) long, "attention_mask": (b, seq_len) long}``.
+        ``{"input_ids": (b, seq_len) long, "attention_mask": (b, seq_len) long, "sequence_index": (b,) long}``
+        — each window's position in ``windows`` travels with it (cross-validation folds follow it).
 
     Raises
     ------
@@ -241,9 +242,10 @@ def batches_from_windows(windows: torch.Tensor, batch_size: int) -> list[Batch]:
         raise GhostsolveError(
             f"windows have shape {tuple(windows.shape)}; expected a non-empty (n_windows, seq_len) tensor"
         )
+    positions = torch.arange(windows.shape[0]).split(batch_size)
     return [
-        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-        for chunk in windows.split(batch_size, dim=0)
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "sequence_index": index}
+        for chunk, index in zip(windows.split(batch_size, dim=0), positions, strict=True)
     ]
 
 

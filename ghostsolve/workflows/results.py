@@ -45,19 +45,33 @@ class MethodResult:
         Wall time of the fits (capture excluded when shared).
     relative_residuals : dict
         Per interval, keyed like ``"3-4"`` (the layers, both ends included).
+    ridges, ranks : dict
+        Per interval, the relative ridge and the rank each fit used (the values cross-validation chose, with
+        ``ridge="cv"`` / ``rank="cv"``); None where nothing was fitted or the family has no rank.
     """
 
     perplexity: float | None
     relative_residual: float | None
     fit_seconds: float
     relative_residuals: dict[str, float | None] = field(default_factory=dict)
+    ridges: dict[str, float | None] = field(default_factory=dict)
+    ranks: dict[str, int | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, recovery: Any, perplexity: float | None) -> MethodResult:
+        """The result of one :class:`~ghostsolve.pipeline.recover.Recovery`, evaluated at ``perplexity``."""
         per = {interval_label(iv): float(v) for iv, v in recovery.relative_residuals.items()}
         finite = [v for v in per.values() if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else None
-        return cls(perplexity, mean, float(recovery.fit_seconds), per)  # type: ignore[arg-type]
+        fits = {interval_label(iv): f for iv, f in recovery.fits.items()}
+        ridges = {k: None if f is None else float(f.ridge) for k, f in fits.items()}
+        ranks = {k: None if f is None else f.rank for k, f in fits.items()}
+        return cls(perplexity, mean, float(recovery.fit_seconds), per, ridges, ranks)  # type: ignore[arg-type]
+
+    def ridge_label(self) -> str:
+        """The ridge(s) as a table cell: ``-`` (no fit), ``0``, ``3e-04``; per interval: ``0/1e-02``."""
+        values = [v for v in self.ridges.values() if v is not None]
+        return "/".join("0" if v == 0 else f"{v:.0e}" for v in values) or "-"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -128,8 +142,8 @@ class PruneResult:
         """A fixed-width table: dense, then each method (the saved one marked ``*``) with its perplexity, its
         ratio to dense, the share of plain pruning's loss it wins back, its boundary residual and fit time."""
         dense = self.dense_perplexity
-        header = ("method", "perplexity", "x dense", "loss recovered", "rel. residual", "fit s")
-        rows = [("dense", _fmt(dense, ".3f"), "1.000" if dense else "-", "-", "-", "-")]
+        header = ("method", "perplexity", "x dense", "loss recovered", "rel. residual", "ridge", "fit s")
+        rows = [("dense", _fmt(dense, ".3f"), "1.000" if dense else "-", "-", "-", "-", "-")]
         for name, m in self.methods.items():
             label = f"{name}{' *' if name == self.saved else ''}"
             if name == PLAIN_PRUNED:
@@ -138,7 +152,8 @@ class PruneResult:
             share = self.recovered(name)
             won = "-" if share is None else f"{round(100 * share) + 0:d}%"  # + 0: no "-0%"
             rows.append((label, _fmt(m.perplexity, ".3f"), _fmt(ratio, ".3f"), won,
-                         _fmt(m.relative_residual, ".4f"), _fmt(m.fit_seconds, ".3f")))  # fmt: skip
+                         _fmt(m.relative_residual, ".4f"), m.ridge_label(),
+                         _fmt(m.fit_seconds, ".3f")))  # fmt: skip
         out = [f"model: {self.model}", f"removed layers: {self.removed}   seq_len: {self.seq_len}",
                *_table(header, rows)]  # fmt: skip
         if self.saved:

@@ -317,3 +317,38 @@ def test_parse_layers():
         parse_layers("5,4-6")
     with pytest.raises(GhostsolveError, match="is empty"):
         parse_layers(",")
+
+
+def test_fitting_flags_reach_the_fits(tmp_path, model_dir, text):
+    report = tmp_path / "r.json"
+    rc = main(["prune", str(model_dir), "--drop", "2-3", "--calib-text", str(text), "--num-calib", "6",
+               "--seq-len", "24", "--recover", "ghost,lowrank", "--ridge", "1e-3", "--rank", "5", "--solver",
+               "eigh", "--product-dtype", "float32", "--report", str(report), *QUIET])  # fmt: skip
+    assert rc == 0
+    methods = json.loads(report.read_text())["methods"]
+    assert methods["ghost"]["ridges"] == {"2-3": 1e-3} and methods["lowrank"]["ranks"] == {"2-3": 5}
+    argv = ["prune", str(model_dir), "--drop", "2", "--calib-text", str(text), "--ridge", "cv"]
+    argv += ["--solver", "qr"]  # cross-validation works on Gram statistics, not on the TSQR factor
+    assert main([*argv, *QUIET]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "match"),
+    [
+        ("--ridge", "-1", r"must be a finite number >= 0 \(e\.g\. 0, 1e-3\), cv or gcv"),
+        ("--ridge", "big", r"'big' is neither a number nor cv or gcv"),
+        ("--rank", "1.5", r"'1\.5' is neither an integer nor cv"),
+        ("--model-args", "sdpa", r"--model-args 'sdpa': 'sdpa' is not key=value"),
+    ],
+)
+def test_bad_fitting_and_loading_flags(tmp_path, model_dir, text, capsys, flag, value, match):
+    assert main(["prune", str(model_dir), "--drop", "2", "--calib-text", str(text), flag, value, *QUIET]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_model_args_are_typed_like_lm_eval():
+    from ghostsolve.cli.args import model_args_of
+
+    assert model_args_of("attn_implementation=sdpa,low_cpu_mem_usage=true,max_memory=none,x=3,y=0.5") == {
+        "attn_implementation": "sdpa", "low_cpu_mem_usage": True, "max_memory": None, "x": 3, "y": 0.5,
+    }  # fmt: skip

@@ -151,3 +151,20 @@ def test_select_under_torchrun_equals_one_process(tmp_path, model_dir, capsys):
     for a, b in zip(distributed["scores"], single["scores"], strict=True):
         assert _rel(a, b) < 1e-10
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cross_validated_ridge_under_torchrun_equals_one_process(tmp_path, model_dir, capsys):
+    # The folds follow each window's position, not the rank that captured it, and sum across ranks like the
+    # rest of the statistics: the same ridge is chosen as in one process.
+    common = [
+        "prune", str(model_dir), "--drop", "2", "--calib", "self", "--num-calib", "10", "--batch-size", "2",
+        "--seq-len", "24", "--num-eval", "2", "--recover", "ghost", "--ridge", "cv", "--no-progress",
+    ]  # fmt: skip
+    (tmp_path / "dist").mkdir()
+    _torchrun([*common, "--report", str(tmp_path / "dist" / "r.json")], cwd=tmp_path / "dist")
+    assert main([*common, "--report", str(tmp_path / "single.json")]) == 0
+    capsys.readouterr()
+    distributed = json.loads((tmp_path / "dist" / "r.json").read_text())["methods"]["ghost"]
+    single = json.loads((tmp_path / "single.json").read_text())["methods"]["ghost"]
+    assert distributed["ridges"] == single["ridges"]
+    assert _rel(distributed["relative_residuals"]["2"], single["relative_residuals"]["2"]) < 1e-10

@@ -27,6 +27,7 @@ from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.capture.consumers import (
     CHUNK_ROWS,
+    BoundaryStats,
     CosineSums,
     IntervalStats,
     RawRows,
@@ -38,11 +39,11 @@ from ghostsolve.pipeline.capture.layerwise import LayerwiseEngine
 from ghostsolve.pipeline.capture.plan import Consumer, Event, PrunedStream, StreamMap, Tap
 from ghostsolve.pipeline.model.batches import CalibrationBatch, as_batches
 from ghostsolve.pipeline.model.surgery import Interval, check_intervals
-from ghostsolve.stats import Stats
 
 __all__ = [
     "CAPTURES",
     "CHUNK_ROWS",
+    "BoundaryStats",
     "Consumer",
     "CosineSums",
     "Engine",
@@ -152,7 +153,7 @@ def capture_stats(
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
     stats_options: dict[str, Any] | None = None,
-) -> dict[Interval, Stats]:
+) -> dict[Interval, BoundaryStats]:
     """Boundary statistics of every interval, from one capture pass over the calibration batches.
 
     Parameters
@@ -238,7 +239,7 @@ def capture_rows(
     return consumer.rows()
 
 
-OnInterval = Callable[[Interval, Stats], Callable[[torch.Tensor], torch.Tensor] | None]
+OnInterval = Callable[[Interval, BoundaryStats], Callable[[torch.Tensor], torch.Tensor] | None]
 """``on_interval((start, end), stats) -> map or None``: see :func:`capture_stats_layerwise`."""
 
 
@@ -256,7 +257,7 @@ def capture_stats_layerwise(
     product_dtype: torch.dtype | None = None,
     adapter: ModelAdapter | None = None,
     on_interval: OnInterval | None = None,
-) -> dict[Interval, Stats]:
+) -> dict[Interval, BoundaryStats]:
     """Boundary statistics computed one decoder layer at a time (:class:`LayerwiseEngine`).
 
     The same statistics as :func:`capture_stats` up to the rounding of the fp64 sums. ``device`` is the

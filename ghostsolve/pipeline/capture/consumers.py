@@ -22,17 +22,29 @@ from typing import Any
 
 import torch
 
+from ghostsolve.crossval import FoldedStats
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.capture.plan import Consumer, Event, Tap, describe_boundary
 from ghostsolve.pipeline.model.batches import CalibrationBatch
 from ghostsolve.pipeline.model.surgery import Interval
 from ghostsolve.stats import Stats
 
-__all__ = ["CHUNK_ROWS", "CosineSums", "IntervalStats", "RawRows", "ReplaceMeStats", "StatsSpec"]
+__all__ = [
+    "CHUNK_ROWS",
+    "BoundaryStats",
+    "CosineSums",
+    "IntervalStats",
+    "RawRows",
+    "ReplaceMeStats",
+    "StatsSpec",
+]
 
 # Stats.update upcasts a chunk to fp64 ([X | Y - X]: 2·d·8 bytes a row); 4096 rows cap that at 0.5 GiB for
 # d = 8192 while keeping the GEMMs large enough to run at full speed.
 CHUNK_ROWS = 4096
+
+BoundaryStats = Stats | FoldedStats
+"""The statistics of one interval: one ``Stats``, or one per cross-validation fold (fitted as their sum)."""
 
 
 
@@ -48,14 +60,22 @@ class StatsSpec:
         Per-chunk product precision (see :class:`ghostsolve.Stats`); None = ``dtype``.
     options : mapping
         Further keyword arguments of :class:`ghostsolve.Stats` (which optional sums to keep).
+    folds : int, optional
+        Keep one ``Stats`` per cross-validation fold; each calibration sequence goes whole to fold
+        ``sequence_index mod folds`` (its position in the calibration set; the order seen when unknown).
     """
 
     dtype: torch.dtype = torch.float64
     product_dtype: torch.dtype | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    folds: int | None = None
 
-    def new(self, dim: int, device: torch.device) -> Stats:
-        return Stats(dim, dtype=self.dtype, device=device, product_dtype=self.product_dtype, **self.options)
+    def new(self, dim: int, device: torch.device) -> BoundaryStats:
+        """``Stats``, or with ``folds`` a :class:`~ghostsolve.crossval.FoldedStats` of that many folds."""
+        kwargs = {"dtype": self.dtype, "device": device, "product_dtype": self.product_dtype, **self.options}
+        if self.folds is not None:
+            return FoldedStats(dim, n_folds=self.folds, **{k: v for k, v in kwargs.items() if k != "qr"})
+        return Stats(dim, **kwargs)
 
 
 def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -67,9 +87,21 @@ class _StatsTable:
 
     def __init__(self, spec: StatsSpec, num_layers: int, what: str) -> None:
         self.spec, self.num_layers, self.what = spec, num_layers, what
-        self.stats: dict[Any, Stats] = {}
+        self.stats: dict[Any, BoundaryStats] = {}
+        self.seen: dict[Any, int] = {}
 
-    def update(self, key: Interval, X: torch.Tensor, Y: torch.Tensor) -> None:
+    def folds_of(self, key: Interval, batch: CalibrationBatch) -> torch.Tensor | None:
+        """Each row's fold (whole sequences), or None without folds; unnumbered rows count per key."""
+        if self.spec.folds is None:
+            return None
+        rows = batch.shape[0]
+        index = batch.sequence_index
+        if index is None:
+            index = torch.arange(self.seen.get(key, 0), self.seen.get(key, 0) + rows)
+        self.seen[key] = self.seen.get(key, 0) + rows
+        return torch.as_tensor(index).long().cpu() % self.spec.folds
+
+    def update(self, key: Interval, X: torch.Tensor, Y: torch.Tensor, fold: int | None = None) -> None:
         if X.device != Y.device:  # a model split over devices: the interval spans two of them
             X = X.to(Y.device)
         stats = self.stats.get(key)
@@ -77,7 +109,11 @@ class _StatsTable:
             stats = self.stats[key] = self.spec.new(int(X.shape[-1]), Y.device)
         try:
             for first in range(0, X.shape[0], CHUNK_ROWS):
-                stats.update(X[first : first + CHUNK_ROWS], Y[first : first + CHUNK_ROWS])
+                chunk = (X[first : first + CHUNK_ROWS], Y[first : first + CHUNK_ROWS])
+                if isinstance(stats, FoldedStats):
+                    stats.update(*chunk, fold=int(fold or 0))
+                else:
+                    stats.update(*chunk)
         except GhostsolveError as err:
             start, end = key
             raise GhostsolveError(
@@ -86,6 +122,17 @@ class _StatsTable:
                 f"failed: {err}. If the model runs in fp16/bf16, capture in fp32 (e.g. model.float()) or "
                 "with fewer tokens per batch"
             ) from err
+
+    def add(self, key: Interval, batch: CalibrationBatch, keep: torch.Tensor, x: torch.Tensor,
+            y: torch.Tensor) -> None:  # fmt: skip
+        """Rows ``keep`` of one batch's ``(batch, seq, d)`` tensors, sequence by sequence into their folds."""
+        folds = self.folds_of(key, batch)
+        if folds is None:
+            self.update(key, _rows(x, keep), _rows(y, keep))
+            return
+        for fold in sorted(set(folds.tolist())):
+            rows = (folds == fold).to(keep.device)
+            self.update(key, _rows(x[rows], keep[rows]), _rows(y[rows], keep[rows]), fold)
 
     def check(self, keys: Iterable[Interval]) -> None:
         for key in keys:
@@ -134,10 +181,10 @@ class IntervalStats(Consumer):
         self._table = _StatsTable(spec or StatsSpec(), num_layers, "")
 
     @property
-    def stats(self) -> dict[Interval, Stats]:
+    def stats(self) -> dict[Interval, BoundaryStats]:
         return {iv: self._table.stats[iv] for iv in self.intervals if iv in self._table.stats}
 
-    def adopt(self, stats: Mapping[Interval, Stats]) -> None:
+    def adopt(self, stats: Mapping[Interval, BoundaryStats]) -> None:
         """Take statistics of these intervals captured elsewhere (on the same rows) as this consumer's."""
         self._table.stats.update(stats)
 
@@ -152,7 +199,7 @@ class IntervalStats(Consumer):
     ) -> None:
         x, y = tensors
         keep = batch.keep(skip_first_token=self.skip_first_token)
-        self._table.update(key, _rows(x, keep), _rows(y, keep))  # type: ignore[arg-type]
+        self._table.add(key, batch, keep, x, y)  # type: ignore[arg-type]
 
     def finish(self) -> None:
         self._table.check(self.intervals)
@@ -196,7 +243,7 @@ class ReplaceMeStats(Consumer):
         self.mlp_outputs: dict[Interval, list[torch.Tensor]] = {iv: [] for iv in self.intervals}
 
     @property
-    def stats(self) -> dict[Interval, Stats]:
+    def stats(self) -> dict[Interval, BoundaryStats]:
         return {iv: self._table.stats[iv] for iv in self.intervals if iv in self._table.stats}
 
     def events(self) -> Sequence[Event]:
@@ -214,11 +261,10 @@ class ReplaceMeStats(Consumer):
             self.mlp_outputs[key].append(m.detach().to("cpu", copy=True))  # type: ignore[index]
         dtype = self._table.spec.dtype
         keep = batch.keep(skip_first_token=self.skip_first_token)
-        rows_y = _rows(y, keep)
         # The difference y − x cancels most digits in half precision: form it in the statistics' dtype.
-        rows_m = _rows(m, keep).to(device=rows_y.device, dtype=dtype)
-        target = (rows_y.to(dtype) - _rows(x, keep).to(device=rows_y.device, dtype=dtype)) + rows_m
-        self._table.update(key, rows_m, target)  # type: ignore[arg-type]
+        m = m.to(device=y.device, dtype=dtype)
+        target = (y.to(dtype) - x.to(device=y.device, dtype=dtype)) + m
+        self._table.add(key, batch, keep, m, target)  # type: ignore[arg-type]
 
     def finish(self) -> None:
         self._table.check(self.intervals)

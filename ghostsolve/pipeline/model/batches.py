@@ -36,10 +36,15 @@ class CalibrationBatch:
     input_ids : (batch, seq) integer tensor
     attention_mask : (batch, seq) tensor or None
         1 (or True) for real tokens, 0 for padding; None means every position is real.
+    sequence_index : (batch,) integer tensor or None
+        Each row's position in the whole calibration set (``"sequence_index"`` of a batch dict, which
+        :func:`ghostsolve.pipeline.data.batches_from_windows` writes), so that cross-validation folds of whole
+        sequences are the same whatever the batching and however torchrun shards the batches.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
+    sequence_index: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,10 +103,11 @@ def as_batch(batch: Any) -> CalibrationBatch:
     """
     if isinstance(batch, CalibrationBatch):
         return batch
+    index = None
     if isinstance(batch, torch.Tensor):
         ids, mask = batch, None
     elif isinstance(batch, Mapping) and "input_ids" in batch:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        ids, mask, index = batch["input_ids"], batch.get("attention_mask"), batch.get("sequence_index")
     else:
         raise GhostsolveError(
             f"a calibration batch is a {type(batch).__name__}; it must be a dict with 'input_ids' "
@@ -123,7 +129,12 @@ def as_batch(batch: Any) -> CalibrationBatch:
                 f"attention_mask is {tuple(mask.shape)} but input_ids is {tuple(ids.shape)}; they must match "
                 "(both (batch, seq))"
             )
-    return CalibrationBatch(ids, mask)
+    if index is not None and tuple(torch.as_tensor(index).shape) != (ids.shape[0],):
+        raise GhostsolveError(
+            f"sequence_index has shape {tuple(torch.as_tensor(index).shape)}; it must be ({ids.shape[0]},): "
+            "one position per row of input_ids"
+        )
+    return CalibrationBatch(ids, mask, None if index is None else torch.as_tensor(index))
 
 
 def as_batches(batches: Iterable[Any]) -> list[CalibrationBatch]:

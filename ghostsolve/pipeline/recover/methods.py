@@ -31,13 +31,14 @@ from ghostsolve.adapters import ModelAdapter
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.families import FAMILIES
 from ghostsolve.fit import Fit, fit
+from ghostsolve.pipeline.capture.consumers import BoundaryStats
 from ghostsolve.pipeline.capture.plan import StreamMap
 from ghostsolve.pipeline.model.folds import fold_prune_comp, fold_replaceme, require_pre_norm
 from ghostsolve.pipeline.model.operators import GhostOperator
 from ghostsolve.pipeline.model.surgery import FINAL_NORM, Interval, insert_ghost
-from ghostsolve.stats import Stats
 
 __all__ = [
+    "CV_FOLDS",
     "FOLDED_METHODS",
     "METHODS",
     "ORDERS",
@@ -66,16 +67,26 @@ def default_rank(dim: int) -> int:
     return max(1, dim // 4)
 
 
+#: Cross-validation folds the capture keeps when ``ridge="cv"`` or ``rank="cv"``: whole calibration sequences,
+#: five folds (every fit trains on 80% of them; memory 5× the statistics, see docs/scale.md).
+CV_FOLDS = 5
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """How each interval's operator is fitted and stored (see :func:`ghostsolve.pipeline.recover.recover`)."""
 
-    ridge: float | None = None
+    ridge: float | str | None = None
     solver: str = "auto"
-    rank: int | None = None
+    rank: int | str | None = None
     compute_dtype: torch.dtype | None = None
 
-    def fit(self, stats: Stats, family: str) -> Fit:
+    @property
+    def folds(self) -> int | None:
+        """Cross-validation folds the statistics must keep (None: one ``Stats``)."""
+        return CV_FOLDS if "cv" in (self.ridge, self.rank) else None
+
+    def fit(self, stats: BoundaryStats, family: str) -> Fit:
         kwargs: dict[str, Any] = {"family": family, "solver": self.solver}
         if self.ridge is not None:
             kwargs["ridge"] = self.ridge

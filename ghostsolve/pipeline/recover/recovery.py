@@ -36,6 +36,7 @@ from ghostsolve.families import stats_features
 from ghostsolve.fit import Fit
 from ghostsolve.pipeline.capture import (
     CAPTURES,
+    BoundaryStats,
     Consumer,
     Engine,
     IntervalStats,
@@ -59,7 +60,6 @@ from ghostsolve.pipeline.recover.methods import (
     get_method,
     validate_method,
 )
-from ghostsolve.stats import Stats
 
 __all__ = ["CAPTURES", "Recovery", "iter_recoveries", "recover", "recover_all"]
 
@@ -130,7 +130,7 @@ class _Job:
     skip_first_token: bool
     progress: bool
     distributed: DistributedContext | None
-    given: Mapping[Interval, Stats]
+    given: Mapping[Interval, BoundaryStats]
 
     @property
     def num_layers(self) -> int:
@@ -139,7 +139,7 @@ class _Job:
     def sequential(self, method: Method) -> bool:
         return self.order == "sequential" and method.family is not None and len(self.intervals) > 1
 
-    def reduce(self, stats: Mapping[Interval, Stats]) -> None:
+    def reduce(self, stats: Mapping[Interval, BoundaryStats]) -> None:
         """Sum every rank's statistics (explicit: only with a distributed context)."""
         if self.distributed is not None and self.distributed.world_size > 1:
             all_reduce_stats(stats)
@@ -154,8 +154,17 @@ def _plan(model: nn.Module, drop: Iterable[int], methods: Sequence[str], batches
     order, rank = options["order"], options["rank"]
     if order not in ORDERS:
         raise GhostsolveError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-        raise GhostsolveError(f"rank must be a nonnegative int (for the 'lowrank' family), got {rank!r}")
+    integer = isinstance(rank, int) and not isinstance(rank, bool)
+    valid_rank = rank is None or rank == "cv" or (integer and rank >= 0)
+    if not valid_rank:
+        raise GhostsolveError(
+            f"rank must be a nonnegative int or 'cv' (for the 'lowrank' family), got {rank!r}"
+        )
+    if "cv" in (options["ridge"], rank) and options["solver"] in ("qr", "svd"):
+        raise GhostsolveError(
+            f"ridge/rank='cv' fits from the Gram statistics of each fold; solver={options['solver']!r} needs "
+            "the TSQR factor instead: use solver='auto', 'cholesky' or 'eigh' with cross-validation"
+        )
     names = list(dict.fromkeys(methods))
     if not names:
         raise GhostsolveError(f"no recovery methods given; choose from {', '.join(METHODS)}")
@@ -174,11 +183,14 @@ def _plan(model: nn.Module, drop: Iterable[int], methods: Sequence[str], batches
 def _spec(job: _Job, methods: Sequence[Method]) -> StatsSpec:
     """Statistics that keep only the optional sums these methods' families and the solver need."""
     families = [m.family for m in methods if m.family is not None]
-    return StatsSpec(job.spec.dtype, job.spec.product_dtype, stats_features(families, [job.settings.solver]))
+    options = stats_features(families, [job.settings.solver])
+    return StatsSpec(job.spec.dtype, job.spec.product_dtype, options, folds=job.settings.folds)
 
 
-def _covers(given: Stats, spec: StatsSpec) -> bool:
-    """Whether statistics captured elsewhere hold every optional sum ``spec`` asks for."""
+def _covers(given: BoundaryStats, spec: StatsSpec) -> bool:
+    """Whether statistics captured elsewhere hold every optional sum ``spec`` asks for (and its folds)."""
+    if spec.folds is not None and getattr(given, "n_folds", None) != spec.folds:
+        return False
     return all(getattr(given, flag, False) or not wanted for flag, wanted in spec.options.items())
 
 
@@ -197,7 +209,7 @@ def _consumers(
     return residual, mlp
 
 
-def _relative_residual(res: Stats, fitted: Fit | None, method: Method) -> float:
+def _relative_residual(res: BoundaryStats, fitted: Fit | None, method: Method) -> float:
     """Boundary residual relative to plain pruning: ``‖X_eff W − Y‖² / ‖Y − X‖²`` (1 for identity).
 
     :attr:`Fit.relative_residual` for maps fitted on the boundary statistics; for ReplaceMe the fit's
@@ -211,7 +223,9 @@ def _relative_residual(res: Stats, fitted: Fit | None, method: Method) -> float:
     return float(fitted.objective) / dtd if dtd > 0 else float("nan")
 
 
-def _source(method: Method, interval: Interval, residual: IntervalStats, mlp: ReplaceMeStats | None) -> Stats:
+def _source(
+    method: Method, interval: Interval, residual: IntervalStats, mlp: ReplaceMeStats | None
+) -> BoundaryStats:
     """The statistics ``method`` is fitted on: ReplaceMe's MLP statistics, else the boundary statistics."""
     if method.statistics == "mlp" and mlp is not None:
         return mlp.stats[interval]
@@ -305,9 +319,9 @@ def iter_recoveries(
     methods: Sequence[str] = METHODS,
     *,
     order: str = "independent",
-    ridge: float | None = None,
+    ridge: float | str | None = None,
     solver: str = "auto",
-    rank: int | None = None,
+    rank: int | str | None = None,
     skip_first_token: bool = False,
     compute_dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -317,7 +331,7 @@ def iter_recoveries(
     capture: str = "hooks",
     device: torch.device | str | None = None,
     distributed: DistributedContext | None = None,
-    stats: Mapping[Interval, Stats] | None = None,
+    stats: Mapping[Interval, BoundaryStats] | None = None,
 ) -> Iterator[tuple[str, Recovery]]:
     """Capture the dense statistics once, then yield ``(method, Recovery)`` for each method in turn.
 
@@ -369,9 +383,9 @@ def recover(
     *,
     method: str = "ghost",
     order: str = "independent",
-    ridge: float | None = None,
+    ridge: float | str | None = None,
     solver: str = "auto",
-    rank: int | None = None,
+    rank: int | str | None = None,
     skip_first_token: bool = False,
     compute_dtype: torch.dtype | None = None,
     inplace: bool = False,
@@ -381,7 +395,7 @@ def recover(
     capture: str = "hooks",
     device: torch.device | str | None = None,
     distributed: DistributedContext | None = None,
-    stats: Mapping[Interval, Stats] | None = None,
+    stats: Mapping[Interval, BoundaryStats] | None = None,
 ) -> Recovery:
     """Remove layers ``drop`` from ``model`` and recover them with ``method``.
 
@@ -399,12 +413,16 @@ def recover(
         One of :data:`~ghostsolve.pipeline.recover.methods.METHODS`.
     order : {"independent", "sequential"}
         See the module docstring.
-    ridge : float, optional
-        Ridge passed to :func:`ghostsolve.fit` (its default when None).
+    ridge : float, "cv" or "gcv", optional
+        Ridge passed to :func:`ghostsolve.fit` (its default, 0, when None). ``"cv"`` chooses it per interval
+        by exact K-fold cross-validation over whole calibration sequences (the capture keeps
+        :data:`~ghostsolve.pipeline.recover.methods.CV_FOLDS` fold statistics), ``"gcv"`` by generalised
+        cross-validation; the chosen value is each fit's ``ridge``.
     solver : str
         Solver passed to :func:`ghostsolve.fit` (``"auto"``).
-    rank : int, optional
-        Rank of the ``"lowrank"`` family (default :func:`~ghostsolve.pipeline.recover.methods.default_rank`).
+    rank : int or "cv", optional
+        Rank of the ``"lowrank"`` family (default :func:`~ghostsolve.pipeline.recover.methods.default_rank`;
+        ``"cv"`` chooses it by cross-validation).
     skip_first_token : bool
         Exclude each sequence's first real token (BOS / attention sink) from the statistics.
     compute_dtype : torch.dtype, optional

@@ -11,10 +11,10 @@ from typing import Any, Literal
 from torch import nn
 
 from ghostsolve.adapters import ModelAdapter
+from ghostsolve.pipeline.capture.consumers import BoundaryStats
 from ghostsolve.pipeline.evaluate import mean_nll
 from ghostsolve.pipeline.model.batches import CalibrationBatch
 from ghostsolve.pipeline.model.surgery import Interval
-from ghostsolve.stats import Stats
 
 __all__ = ["RuleResult", "Selection", "SelectionContext", "Strategy", "Unit", "argsort", "block", "ppl_of"]
 
@@ -60,7 +60,7 @@ class Selection:
     score_name: str
     removes: Literal["lowest", "highest"]
     details: dict[str, Any] = field(default_factory=dict)
-    stats: Mapping[Interval, Stats] = field(default_factory=dict, compare=False, repr=False)
+    stats: Mapping[Interval, BoundaryStats] = field(default_factory=dict, compare=False, repr=False)
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report: ``{"strategy", "num_drop", "scores", "selected"}`` plus descriptive keys.
@@ -88,7 +88,7 @@ class SelectionContext:
     model: nn.Module
     adapter: ModelAdapter
     batches: list[CalibrationBatch]
-    captured: dict[Interval, Stats] = field(default_factory=dict)
+    captured: dict[Interval, BoundaryStats] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:

@@ -16,13 +16,12 @@ from typing import Any
 
 from ghostsolve.errors import GhostsolveError
 from ghostsolve.fit import fit
-from ghostsolve.pipeline.capture import IntervalStats, run_capture
+from ghostsolve.pipeline.capture import BoundaryStats, IntervalStats, run_capture
 from ghostsolve.pipeline.model.surgery import Interval
 from ghostsolve.pipeline.progress import progress_bar
 from ghostsolve.pipeline.recover import recover
 from ghostsolve.pipeline.select.base import RuleResult, SelectionContext, argsort, block, ppl_of
 from ghostsolve.pipeline.select.removal import greedy
-from ghostsolve.stats import Stats
 
 __all__ = ["DEFAULT_MAX_STATS_BYTES", "run_recoverable", "run_recoverable_greedy", "run_recoverable_ppl"]
 
@@ -37,7 +36,7 @@ def _stats_bytes(dim: int) -> int:
     return 2 * dim * dim * 8
 
 
-def _residual(stats: Stats, ridge: float, normalize: str) -> float:
+def _residual(stats: BoundaryStats, ridge: float, normalize: str) -> float:
     """``min_W Σ‖x W − y‖²`` over ``Σ‖y‖²`` (``"stream"``) or over ``Σ‖y − x‖²`` (``"block"``)."""
     ghost = fit(stats, family="full", ridge=ridge)
     if normalize == "block":
@@ -50,7 +49,7 @@ def _residual(stats: Stats, ridge: float, normalize: str) -> float:
 def _candidate_residuals(
     ctx: SelectionContext, num_drop: int, *, skip_first_token: bool, ridge: float, max_stats_bytes: int,
     normalize: str, keep: int,
-) -> tuple[list[float], dict[Interval, Stats], dict[str, Any]]:  # fmt: skip
+) -> tuple[list[float], dict[Interval, BoundaryStats], dict[str, Any]]:  # fmt: skip
     """Ghost-fit relative residual of every contiguous block ``(l, l + num_drop)``, and the statistics of the
     ``keep`` best ones.
 
@@ -73,7 +72,7 @@ def _candidate_residuals(
         logger.info("recoverable: %d candidate blocks need %.1f GiB of fp64 statistics; %d passes of <= %d",
                     len(starts), len(starts) * _stats_bytes(dim) / 2**30, len(groups), per_group)  # fmt: skip
     residuals: dict[int, float] = {}
-    best: dict[Interval, Stats] = {}
+    best: dict[Interval, BoundaryStats] = {}
     for group in groups:
         consumer = IntervalStats([(l, l + num_drop) for l in group], num_layers=ctx.num_layers,
                                  skip_first_token=skip_first_token)  # fmt: skip
@@ -103,7 +102,7 @@ def run_recoverable(
 
 def _ghost_recovered_ppl(
     ctx: SelectionContext, removed: Sequence[int], *, ridge: float, skip_first_token: bool,
-    stats: Mapping[Interval, Stats] | None = None,
+    stats: Mapping[Interval, BoundaryStats] | None = None,
 ) -> float:  # fmt: skip
     """Calibration perplexity of a copy of the model with ``removed`` removed and ghost-recovered."""
     recovery = recover(ctx.model, sorted(removed), ctx.batches, method="ghost", ridge=ridge,
