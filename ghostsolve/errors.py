@@ -9,11 +9,19 @@ Three channels, as listed in every ``Raises`` section:
 * :class:`NumericalError` (a :class:`GhostsolveError`) for a numerical failure that no documented fallback
   could absorb; its message lists causes and remedies.
 * :class:`IllConditionedWarning` (a :class:`UserWarning`) for ill-conditioning that still gives an answer.
+* :class:`CalibrationWarning` (a :class:`UserWarning`) for a calibration set too small for what is fitted on
+  it: the fit is exact on the calibration rows but will not hold on other text.
 """
 
 from __future__ import annotations
 
-__all__ = ["GhostsolveError", "IllConditionedWarning", "NonFiniteInputError", "NumericalError"]
+__all__ = [
+    "CalibrationWarning",
+    "GhostsolveError",
+    "IllConditionedWarning",
+    "NonFiniteInputError",
+    "NumericalError",
+]
 
 
 class GhostsolveError(ValueError):
@@ -49,3 +57,7 @@ class NumericalError(GhostsolveError):
 
 class IllConditionedWarning(UserWarning):
     """The problem is ill-conditioned for the requested precision; the answer may be inaccurate."""
+
+
+class CalibrationWarning(UserWarning):
+    """Fewer calibration tokens than the operator has unknowns: it can fit the calibration rows exactly."""

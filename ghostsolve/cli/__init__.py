@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    # An application's warnings: one line each, like its errors, not a source location and a traceback line.
+    print(f"ghostsolve: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -88,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error (already printed by argparse)
         return int(exc.code) if isinstance(exc.code, int) else _EXIT_ERROR
     _configure_logging(args)
+    # The command line as typed, for the reports' provenance.
+    args.argv = ["ghostsolve", *(sys.argv[1:] if argv is None else list(argv))]
     func: Callable[[argparse.Namespace], int] = args.func
     ctx = None
     threads = getattr(args, "threads", None)
@@ -99,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            warnings.showwarning = _show_warning
             if args.command in _DISTRIBUTED_COMMANDS:
                 ctx = _join_torchrun(args, stack)
             return func(args)

@@ -99,6 +99,11 @@ def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
             "compute_dtype": dtype(args.compute_dtype)}  # fmt: skip
 
 
+def _files(args: argparse.Namespace) -> list[str]:
+    """The text files a command reads (calibration, then evaluation)."""
+    return [*(getattr(args, "calib_text", None) or []), *(getattr(args, "eval_text", None) or [])]
+
+
 def _source(files: Any) -> Any:
     return list(files) if files else "self"
 
@@ -186,7 +191,8 @@ def prune(args: argparse.Namespace) -> int:
         num_drop=None if drop else args.num_drop, select_options=options, methods=methods, order=args.order,
         skip_first_token=args.skip_first_token, batch_size=args.batch_size, out=out, overwrite=args.overwrite,
         model_name=args.model, progress=not args.no_progress, distributed=getattr(args, "dist", None),
-        extra=_data_description(args, calib, evalw), **capture, **_fit_options(args),
+        extra=_data_description(args, calib, evalw), command=args.argv, data_files=_files(args),
+        **capture, **_fit_options(args),
     )  # fmt: skip
     if _is_main(args):
         _finish_prune(args, result, out)
@@ -194,40 +200,62 @@ def prune(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """``ghostsolve eval``: perplexity and lm-eval tasks of a model or checkpoint."""
-    from ghostsolve.pipeline.data import evaluation_windows
-    from ghostsolve.pipeline.evaluate import lm_eval_tasks, perplexity
+    """``ghostsolve eval``: perplexity and lm-eval tasks of a model or checkpoint.
+
+    Perplexity is on ``--eval-text``; without it, on sequences sampled from the evaluated model itself, which
+    says how sure the model is of its own text, not how well it models language: the output says so, and a
+    pruned model's number is not comparable with what ``prune`` measured on text. With ``--tasks`` and no
+    ``--eval-text`` no perplexity is computed, and the output says that too.
+    """
     from ghostsolve.pipeline.io.jsonio import write_json
+    from ghostsolve.workflows.results import provenance
 
     _check_outputs(args)
     model, tokenizer = _load_model(args.model, args)
     report: dict[str, Any] = {"model": args.model}
     if args.tasks:
-        results = lm_eval_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t.strip()],
-                                batch_size=args.batch_size, num_fewshot=args.num_fewshot, limit=args.limit,
-                                include_path=args.include_path)  # fmt: skip
-        report["tasks"] = results
-        for task, metrics in results.items():
-            shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v,
-                bool)}
-            print(f"{task}: {json.dumps(shown, sort_keys=True)}")
+        report["tasks"] = _lm_eval(args, model, tokenizer)
     if args.eval_text or not args.tasks:
-        seq_len = seq_len_of(args, model)
-        windows = evaluation_windows(model, tokenizer, _source(args.eval_text), n_windows=args.num_eval,
-                                     seq_len=seq_len, seed=args.seed, batch_size=args.batch_size,
-                                     progress=not args.no_progress)  # fmt: skip
-        ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.no_progress)
-        report.update({"seq_len": ppl.seq_len, "perplexity": ppl.perplexity, "nll": ppl.nll,
-                       "windows": ppl.n_windows, "predicted_tokens": ppl.n_tokens,
-                       "source": "text" if args.eval_text else "self"})  # fmt: skip
-        print(
-            f"perplexity {ppl.perplexity:.4f}  (mean NLL {ppl.nll:.5f} over {ppl.n_tokens} tokens, "
-            f"{ppl.n_windows} windows of {ppl.seq_len})"
-        )
+        report.update(_eval_perplexity(args, model, tokenizer))
+    else:
+        report["perplexity"] = None
+        report["perplexity_skipped"] = "no --eval-text: pass --eval-text FILE for a text perplexity"
+        print(f"perplexity: skipped ({report['perplexity_skipped']})")
     if args.report:
+        report["provenance"] = provenance(args.argv, _files(args))
         write_json(report, args.report)
         print(f"report: {args.report}")
     return 0
+
+
+def _lm_eval(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    from ghostsolve.pipeline.evaluate import lm_eval_tasks
+
+    results = lm_eval_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t.strip()],
+                            batch_size=args.batch_size, num_fewshot=args.num_fewshot, limit=args.limit,
+                            include_path=args.include_path)  # fmt: skip
+    for task, metrics in results.items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        print(f"{task}: {json.dumps(shown, sort_keys=True)}")
+    return results
+
+
+def _eval_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    from ghostsolve.pipeline.data import evaluation_windows
+    from ghostsolve.pipeline.evaluate import perplexity
+
+    seq_len = seq_len_of(args, model)
+    windows = evaluation_windows(model, tokenizer, _source(args.eval_text), n_windows=args.num_eval,
+                                 seq_len=seq_len, seed=args.seed, batch_size=args.batch_size,
+                                 progress=not args.no_progress)  # fmt: skip
+    ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.no_progress)
+    source = "text" if args.eval_text else "self"
+    where = (f"{ppl.n_windows} windows of {ppl.seq_len} tokens of text" if args.eval_text else
+             f"{ppl.n_windows} sequences of {ppl.seq_len} tokens sampled from this model itself, seed "
+             f"{args.seed} (not text: comparable only between runs on this same model)")  # fmt: skip
+    print(f"perplexity {ppl.perplexity:.4f} on {where}  (mean NLL {ppl.nll:.5f} over {ppl.n_tokens} tokens)")
+    return {"seq_len": ppl.seq_len, "perplexity": ppl.perplexity, "nll": ppl.nll, "windows": ppl.n_windows,
+            "predicted_tokens": ppl.n_tokens, "source": source}  # fmt: skip
 
 
 def diagnose(args: argparse.Namespace) -> int:
@@ -314,7 +342,7 @@ def demo(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
         skip_first_token=args.skip_first_token,
         progress=not args.no_progress, model_dir=args.model, distributed=getattr(args, "dist", None),
-        **_fit_options(args),
+        command=args.argv, data_files=_files(args), **_fit_options(args),
     )  # fmt: skip
     if not _is_main(args):
         return 0

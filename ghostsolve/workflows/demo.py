@@ -79,7 +79,7 @@ def demo(
     progress: bool = True,
     model_dir: str | Path | None = None,
     distributed: DistributedContext | None = None,
-    **fit_options: Any,
+    **prune_options: Any,
 ) -> PruneResult:
     """Run :func:`~ghostsolve.workflows.prune` on the bundled demo model and write ``out``.
 
@@ -123,7 +123,7 @@ def demo(
         num_drop=num_drop if select is not None else None, select_options=select_options, methods=methods,
         order=order,
         skip_first_token=skip_first_token, batch_size=batch_size, save_method=DEMO_SAVED_METHOD,
-        model_name="ghostsolve-demo", progress=progress, distributed=distributed, **fit_options,
+        model_name="ghostsolve-demo", progress=progress, distributed=distributed, **prune_options,
         extra={"demo_model": str(folder), "seed": seed, "order": order, "removal": removal,
                "calibration": _describe(calibration, calib), "evaluation": _describe(evaluation, evalw)},
     )  # fmt: skip
@@ -141,7 +141,8 @@ def _describe(source: Any, windows: Any) -> dict[str, Any]:
 
 def _write_demo_folder(result: PruneResult, out: Path, overwrite: bool, tokenizer: Any, start: float) -> None:
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save(result.recovery, tmp / "model", tokenizer=tokenizer, original_model="ghostsolve-demo")
+        save(result.recovery, tmp / "model", tokenizer=tokenizer, original_model="ghostsolve-demo",
+             extra={"provenance": result.extra.get("provenance")})  # fmt: skip
         result.plot(tmp / "perplexity.png")
         result.timings["total"] = round(time.perf_counter() - start, 3)
         result.write_report(tmp / "report.json")

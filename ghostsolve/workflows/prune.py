@@ -39,7 +39,7 @@ from ghostsolve.pipeline.io.checkpoint import save
 from ghostsolve.pipeline.model.surgery import intervals_of, removal_set
 from ghostsolve.pipeline.recover import ORDERS, get_method, iter_recoveries, validate_method
 from ghostsolve.pipeline.select import STRATEGIES, Selection, select_layers
-from ghostsolve.workflows.results import MethodResult, PruneResult
+from ghostsolve.workflows.results import MethodResult, PruneResult, provenance
 
 __all__ = ["check_request", "prune", "select_on_main"]
 
@@ -167,6 +167,8 @@ def prune(
     save_method: str | None = None,
     model_name: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    command: Sequence[str] | None = None,
+    data_files: Sequence[str | Path] = (),
     progress: bool = True,
     distributed: DistributedContext | None = None,
 ) -> PruneResult:
@@ -202,6 +204,9 @@ def prune(
         Recorded as the dense model's name (default: its ``_name_or_path``).
     extra : mapping, optional
         More entries for the report.
+    command, data_files
+        Recorded in the report's and the checkpoint's ``provenance`` (with the versions and the time): the
+        command line that ran, and the text files the windows came from (each with its sha256).
     progress : bool
         Show progress bars.
     distributed : DistributedContext, optional
@@ -241,14 +246,15 @@ def prune(
         product_dtype=product_dtype, distributed=distributed,
     )  # fmt: skip
     name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
+    origin = run_on_main(provenance, command, data_files) or {}
     if out is not None and kept is not None:
         clock.timed("save", run_on_main, save, kept, out, overwrite=overwrite, tokenizer=tokenizer,
-                    original_model=name)  # fmt: skip
+                    original_model=name, extra={"provenance": origin})  # fmt: skip
     return PruneResult(
         model=name, removed=sorted(drop), seq_len=int(evaluation.shape[1]) if evaluation is not None else 0,
         dense_perplexity=None if dense is None else dense.perplexity, methods=results,
         saved=save_method if out is not None else None, recovery=kept, selection=selection,
-        timings=clock.summary(), extra=dict(extra or {}),
+        timings=clock.summary(), extra={**dict(extra or {}), "provenance": origin},
     )  # fmt: skip
 
 

@@ -15,7 +15,10 @@ of :mod:`ghostsolve.pipeline.io.jsonio`).
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import math
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +27,40 @@ from typing import Any
 from ghostsolve.pipeline.io.jsonio import interval_label, to_json, write_json
 from ghostsolve.pipeline.io.plots import plot_perplexities
 
-__all__ = ["PLAIN_PRUNED", "DiagnoseResult", "IntervalDiagnosis", "MethodResult", "PruneResult"]
+__all__ = ["PLAIN_PRUNED", "DiagnoseResult", "IntervalDiagnosis", "MethodResult", "PruneResult", "provenance"]
 
 PLAIN_PRUNED = "identity"
 """The method name of plain pruning (no recovery), drawn as the "pruned" reference."""
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(command: Sequence[str] | None = None, files: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """What a report needs to be reproduced from itself: the versions of ghostsolve, torch and transformers,
+    the UTC time, the command line (when a command ran) and every text file read, with its sha256."""
+    return {
+        "versions": {name: _version(name) for name in ("ghostsolve", "torch", "transformers")},
+        "python": platform.python_version(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": None if command is None else list(command),
+        "files": [{"path": str(f), "bytes": Path(f).stat().st_size, "sha256": _sha256(Path(f))}
+                  for f in files],
+    }
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,8 @@ class MethodResult:
     ridges, ranks : dict
         Per interval, the relative ridge and the rank each fit used (the values cross-validation chose, with
         ``ridge="cv"`` / ``rank="cv"``); None where nothing was fitted or the family has no rank.
+    warnings : list of str
+        What the fits warned of (a calibration set too small for the operator, ...).
     """
 
     perplexity: float | None
@@ -56,6 +91,7 @@ class MethodResult:
     relative_residuals: dict[str, float | None] = field(default_factory=dict)
     ridges: dict[str, float | None] = field(default_factory=dict)
     ranks: dict[str, int | None] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, recovery: Any, perplexity: float | None) -> MethodResult:
@@ -66,7 +102,8 @@ class MethodResult:
         fits = {interval_label(iv): f for iv, f in recovery.fits.items()}
         ridges = {k: None if f is None else float(f.ridge) for k, f in fits.items()}
         ranks = {k: None if f is None else f.rank for k, f in fits.items()}
-        return cls(perplexity, mean, float(recovery.fit_seconds), per, ridges, ranks)  # type: ignore[arg-type]
+        return cls(perplexity, mean, float(recovery.fit_seconds), per, ridges, ranks,  # type: ignore[arg-type]
+                   list(getattr(recovery, "warnings", [])))  # fmt: skip
 
     def ridge_label(self) -> str:
         """The ridge(s) as a table cell: ``-`` (no fit), ``0``, ``3e-04``; per interval: ``0/1e-02``."""

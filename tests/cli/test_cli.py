@@ -130,7 +130,42 @@ def test_prune_with_self_calibration_and_no_output(tmp_path, model_dir, capsys):
 
 def test_eval_on_self_samples_and_plain_model(model_dir, capsys):
     assert main(["eval", str(model_dir), "--num-eval", "2", "--seq-len", "16", *QUIET]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    # Self-sampled perplexity is not a text perplexity, and the line says so.
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "sampled from this model itself" in out and "not text" in out
+
+
+def test_eval_tasks_without_text_say_that_perplexity_was_skipped(tmp_path, model_dir, capsys, monkeypatch):
+    import ghostsolve.cli.commands as commands
+
+    monkeypatch.setattr(commands, "_lm_eval", lambda *args: {"some_task": {"acc": 0.5}})
+    report = tmp_path / "r.json"
+    assert main(["eval", str(model_dir), "--tasks", "some_task", "--report", str(report), *QUIET]) == 0
+    assert "perplexity: skipped (no --eval-text" in capsys.readouterr().out
+    saved = json.loads(report.read_text())
+    assert saved["perplexity"] is None and "no --eval-text" in saved["perplexity_skipped"]
+
+
+def test_reports_say_how_to_reproduce_them(tmp_path, model_dir, text):
+    import hashlib
+
+    import torch
+    import transformers
+
+    report = tmp_path / "r.json"
+    argv = ["prune", str(model_dir), "--drop", "2", "--calib-text", str(text), "--num-calib", "4",
+            "--seq-len", "24", "--recover", "ghost,identity", "--out", str(tmp_path / "ckpt"),
+            "--report", str(report), *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    origin = json.loads(report.read_text())["provenance"]
+    assert origin["command"] == ["ghostsolve", *argv]
+    assert origin["versions"]["torch"] == torch.__version__
+    assert origin["versions"]["transformers"] == transformers.__version__
+    assert origin["files"] == [{"path": str(text), "bytes": text.stat().st_size,
+                                "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}]  # fmt: skip
+    assert origin["time_utc"].endswith("+00:00")
+    section = json.loads((tmp_path / "ckpt" / "config.json").read_text())["ghostsolve"]
+    assert section["provenance"]["command"] == origin["command"]
 
 
 def test_diagnose(tmp_path, model_dir, text, capsys):
@@ -352,3 +387,16 @@ def test_model_args_are_typed_like_lm_eval():
     assert model_args_of("attn_implementation=sdpa,low_cpu_mem_usage=true,max_memory=none,x=3,y=0.5") == {
         "attn_implementation": "sdpa", "low_cpu_mem_usage": True, "max_memory": None, "x": 3, "y": 0.5,
     }  # fmt: skip
+
+
+def test_warnings_are_one_line_and_reach_the_report(tmp_path, model_dir, text, capsys):
+    report = tmp_path / "r.json"
+    # One calibration window of 24 tokens for the tiny model's 32×32 operator.
+    argv = ["prune", str(model_dir), "--drop", "2", "--calib-text", str(text), "--num-calib", "1",
+            "--seq-len", "24", "--recover", "ghost,identity", "--report", str(report), *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    warning = r"^ghostsolve: warning: layers 2: 24 calibration tokens for the 32×32 operator"
+    assert re.search(warning, err, re.M)
+    assert "warnings.warn" not in err and ".py:" not in err
+    assert "24 calibration tokens" in json.loads(report.read_text())["methods"]["ghost"]["warnings"][0]

@@ -37,6 +37,7 @@ from ghostsolve.errors import GhostsolveError
 from ghostsolve.pipeline.io.atomic import atomic_directory, refuse_existing
 from ghostsolve.pipeline.io.jsonio import interval_label, to_json
 from ghostsolve.pipeline.model.ghosted import (
+    FORMAT_VERSION,
     MODEL_TYPE_PREFIX,
     MODELING_FILE,
     SECTION,
@@ -52,8 +53,6 @@ __all__ = ["CONFIG_SECTION", "FORMAT_VERSION", "MODELING_FILE", "checkpoint_info
 logger = logging.getLogger(__name__)
 
 CONFIG_SECTION = SECTION
-#: 2: ghosts are children of the layer they correct, weights keep the base names. 1: wrapper modules.
-FORMAT_VERSION = 2
 
 
 def _version() -> str:
@@ -394,6 +393,10 @@ def _load_ghosted(
         load_kwargs = {**load_kwargs, "key_mapping": _v1_key_mapping(get_adapter(config))}
     try:
         model = model_cls.from_pretrained(path, config=config, **load_kwargs)  # type: ignore[attr-defined]
+        if int(section.get("format_version", 1)) < 2:
+            # transformers would undo the renaming when this model is saved again: it is to stay, so that a
+            # re-save writes the current format.
+            model._weight_conversions = None
     except (OSError, RuntimeError, ValueError) as exc:
         if isinstance(exc, GhostsolveError):
             raise

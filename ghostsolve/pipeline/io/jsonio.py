@@ -23,16 +23,11 @@ from typing import Any
 import torch
 
 from ghostsolve.pipeline.io.atomic import write_text
+from ghostsolve.pipeline.model.surgery import interval_label
 
 __all__ = ["dumps", "interval_label", "to_json", "write_json"]
 
 _MAX_DEPTH = 12
-
-
-def interval_label(interval: tuple[int, int]) -> str:
-    """``(3, 5)`` (end exclusive) → ``"3-4"``; ``(7, 8)`` → ``"7"``: the layers, as ``--drop`` writes them."""
-    start, end = int(interval[0]), int(interval[1])
-    return str(start) if end - start == 1 else f"{start}-{end - 1}"
 
 
 def to_json(value: Any, _depth: int = 0) -> Any:

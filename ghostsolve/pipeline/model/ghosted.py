@@ -44,6 +44,7 @@ except ImportError:  # the remote code of a checkpoint: the operators shipped be
     from .ghostsolve_operators import apply_ghost_entries, check_exact_load, ghost_of  # type: ignore[no-redef]
 
 __all__ = [
+    "FORMAT_VERSION",
     "MODELING_FILE",
     "MODEL_TYPE_PREFIX",
     "OPERATORS_FILE",
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 SECTION = "ghostsolve"
+#: 2: ghosts are children of the module they correct, weights keep the base names. 1: wrapper modules.
+FORMAT_VERSION = 2
 MODEL_TYPE_PREFIX = "ghostsolve_"
 MODELING_FILE = "modeling_ghostsolve.py"
 OPERATORS_FILE = "ghostsolve_operators.py"
@@ -136,6 +139,7 @@ class _GhostedModel:
         layout = section["layout"]
         model: Any = self
         section["ghosts"] = ghost_entries(model, str(layout["layers_path"]), str(layout["final_norm_path"]))
+        section["format_version"] = FORMAT_VERSION
         setattr(self.config, SECTION, section)
         result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
         folder = Path(save_directory)
@@ -178,9 +182,13 @@ def make_ghosted(model: nn.Module, *, layers_path: str, final_norm_path: str) ->
     if not isinstance(model, _GhostedModel):
         model.__class__ = ghosted_model_class(type(model))
     config = model.config
-    if not str(getattr(type(config), "model_type", "")).startswith(MODEL_TYPE_PREFIX):
+    base_type = str(getattr(type(config), "model_type", ""))
+    if not base_type.startswith(MODEL_TYPE_PREFIX):
         config.__class__ = ghosted_config_class(type(config))
     section = dict(getattr(config, SECTION, None) or {})
+    section.setdefault("base_model_type", base_type.removeprefix(MODEL_TYPE_PREFIX))
+    section.setdefault("base_architecture", type(model).__name__.removeprefix(_PREFIX))
+    section["checkpoint_kind"] = "ghosted"
     section["layout"] = {"layers_path": layers_path, "final_norm_path": final_norm_path}
     section["ghosts"] = ghost_entries(model, layers_path, final_norm_path)
     setattr(config, SECTION, section)

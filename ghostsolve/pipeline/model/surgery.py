@@ -35,6 +35,7 @@ __all__ = [
     "check_intervals",
     "ghost_layout",
     "insert_ghost",
+    "interval_label",
     "intervals_of",
     "removal_set",
     "remove_layers",
@@ -122,6 +123,18 @@ def intervals_of(removed: Sequence[int]) -> list[Interval]:
         else:
             intervals.append((i, i + 1))
     return intervals
+
+
+def interval_label(interval: tuple[int, int]) -> str:
+    """``(3, 5)`` (end exclusive) → ``"3-4"``; ``(7, 8)`` → ``"7"``: the layers, as ``--drop`` writes them.
+
+    Examples
+    --------
+    >>> interval_label((3, 5)), interval_label((7, 8))
+    ('3-4', '7')
+    """
+    start, end = int(interval[0]), int(interval[1])
+    return str(start) if end - start == 1 else f"{start}-{end - 1}"
 
 
 def check_intervals(

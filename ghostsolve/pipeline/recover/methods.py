@@ -20,6 +20,7 @@ epsilon), ``h + m (T − I)`` for ReplaceMe (``m`` that batch's MLP output of th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,14 +29,14 @@ import torch
 from torch import nn
 
 from ghostsolve.adapters import ModelAdapter
-from ghostsolve.errors import GhostsolveError
+from ghostsolve.errors import CalibrationWarning, GhostsolveError
 from ghostsolve.families import FAMILIES
 from ghostsolve.fit import Fit, fit
 from ghostsolve.pipeline.capture.consumers import BoundaryStats
 from ghostsolve.pipeline.capture.plan import StreamMap
 from ghostsolve.pipeline.model.folds import fold_prune_comp, fold_replaceme, require_pre_norm
 from ghostsolve.pipeline.model.operators import GhostOperator
-from ghostsolve.pipeline.model.surgery import FINAL_NORM, Interval, insert_ghost
+from ghostsolve.pipeline.model.surgery import FINAL_NORM, Interval, insert_ghost, interval_label
 
 __all__ = [
     "CV_FOLDS",
@@ -44,6 +45,7 @@ __all__ = [
     "ORDERS",
     "FitSettings",
     "Method",
+    "check_calibration_size",
     "default_rank",
     "family_of",
     "get_method",
@@ -87,6 +89,7 @@ class FitSettings:
         return CV_FOLDS if "cv" in (self.ridge, self.rank) else None
 
     def fit(self, stats: BoundaryStats, family: str) -> Fit:
+        """``ghostsolve.fit`` of ``family`` on ``stats`` with these settings."""
         kwargs: dict[str, Any] = {"family": family, "solver": self.solver}
         if self.ridge is not None:
             kwargs["ridge"] = self.ridge
@@ -165,6 +168,34 @@ class Method:
             return StreamMap(replaceme)
         ghost = GhostOperator(fitted.delta, compute_dtype=settings.compute_dtype)
         return StreamMap(lambda h, index: ghost(h), (ghost,))
+
+
+#: Families whose operator has about d² unknowns (d per calibration row of equations): they can interpolate
+#: a calibration set of fewer than d tokens.
+_SQUARE_FAMILIES = ("full", "lowrank", "symmetric")
+
+
+def check_calibration_size(
+    stats: BoundaryStats, method: Method, interval: Interval, settings: FitSettings
+) -> str:
+    """A :class:`~ghostsolve.errors.CalibrationWarning` (its text also returned) when ``method`` fits more
+    unknowns than the calibration rows give equations and no ridge is set; ``""`` otherwise.
+
+    ``n`` tokens give ``n · d`` equations; the full operator has ``d²`` unknowns, so with ``n < d`` it can
+    interpolate the calibration rows (relative residual near 0) and says nothing about other text.
+    """
+    d, n = stats.dim, int(stats.n_rows)
+    ridged = settings.ridge not in (None, 0, 0.0)
+    if method.family not in _SQUARE_FAMILIES or n >= d or ridged:
+        return ""
+    message = (
+        f"layers {interval_label(interval)}: {n} calibration tokens for the {d}×{d} operator of "
+        f"{method.name!r} ({d * d} unknowns, {n * d} equations): it can fit the calibration rows exactly "
+        f"(relative residual near 0) and will not hold on other text; use more calibration tokens (at least "
+        f"{10 * d}: --num-calib, --seq-len) or ridge='cv' (--ridge cv)"
+    )
+    warnings.warn(message, CalibrationWarning, stacklevel=3)
+    return message
 
 
 def prune_comp_scale(fitted: Fit) -> float:

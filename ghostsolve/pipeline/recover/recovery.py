@@ -57,6 +57,7 @@ from ghostsolve.pipeline.recover.methods import (
     Cut,
     FitSettings,
     Method,
+    check_calibration_size,
     get_method,
     validate_method,
 )
@@ -94,6 +95,9 @@ class Recovery:
     shared_capture : bool
         Whether that was the dense pass shared by every method fitted in independent order (so its time is
         counted in each of them).
+    warnings : list of str
+        What the fits warned of (e.g. a calibration set too small for the operator), also issued as
+        :class:`~ghostsolve.errors.CalibrationWarning`.
     """
 
     model: nn.Module
@@ -106,6 +110,7 @@ class Recovery:
     fit_seconds: float = 0.0
     capture_seconds: float = 0.0
     shared_capture: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def layout(self) -> list[dict[str, Any]]:
@@ -239,6 +244,7 @@ class _Fitted:
     fit_seconds: float
     capture_seconds: float
     shared_capture: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeStats | None,
@@ -246,11 +252,13 @@ def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeS
     """Fit every interval of ``method`` from statistics captured already (independent order)."""
     fits: dict[Interval, Fit | None] = {}
     relres: dict[Interval, float] = {}
+    notes: list[str] = []
     seconds = 0.0
     for interval in job.intervals:
         fitted = None
         if method.family is not None:
             source = _source(method, interval, residual, mlp)
+            notes.append(check_calibration_size(source, method, interval, job.settings))
             tic = time.perf_counter()
             fitted = job.settings.fit(source, method.family)
             seconds += time.perf_counter() - tic
@@ -258,7 +266,8 @@ def _fit_all(job: _Job, method: Method, residual: IntervalStats, mlp: ReplaceMeS
         # Plain pruning alone captures nothing; its residual is 1 by definition anyway.
         res = residual.stats.get(interval)
         relres[interval] = 1.0 if res is None else _relative_residual(res, fitted, method)
-    return _Fitted(fits, relres, seconds, capture_seconds, shared_capture=method.family is not None)
+    return _Fitted(fits, relres, seconds, capture_seconds, shared_capture=method.family is not None,
+                   warnings=[n for n in notes if n])  # fmt: skip
 
 
 def _fit_sequential(job: _Job, method: Method) -> _Fitted:
@@ -266,6 +275,7 @@ def _fit_sequential(job: _Job, method: Method) -> _Fitted:
     residual, mlp = _consumers(job, [method], "pruned")
     fits: dict[Interval, Fit | None] = {}
     relres: dict[Interval, float] = {}
+    notes: list[str] = []
     seconds = 0.0
 
     def on_interval(interval: Interval) -> StreamMap | None:
@@ -274,6 +284,7 @@ def _fit_sequential(job: _Job, method: Method) -> _Fitted:
         if mlp is not None:
             job.reduce({interval: mlp.stats[interval]})
         source = _source(method, interval, residual, mlp)
+        notes.append(check_calibration_size(source, method, interval, job.settings))
         tic = time.perf_counter()
         assert method.family is not None
         fits[interval] = fitted = job.settings.fit(source, method.family)
@@ -286,7 +297,8 @@ def _fit_sequential(job: _Job, method: Method) -> _Fitted:
     tic = time.perf_counter()
     run_capture(job.model, job.batches, consumers, engine=job.engine, adapter=job.adapter,
                 progress=job.progress, pruned=PrunedStream(job.intervals, on_interval))  # fmt: skip
-    return _Fitted(fits, relres, seconds, time.perf_counter() - tic - seconds)
+    captured = time.perf_counter() - tic - seconds
+    return _Fitted(fits, relres, seconds, captured, warnings=[n for n in notes if n])
 
 
 def _build(job: _Job, method: Method, fitted: _Fitted, inplace: bool) -> Recovery:
@@ -309,6 +321,7 @@ def _build(job: _Job, method: Method, fitted: _Fitted, inplace: bool) -> Recover
         method=method.name,
         order=job.order, relative_residuals=fitted.relres, fit_seconds=fitted.fit_seconds,
         capture_seconds=fitted.capture_seconds, shared_capture=fitted.shared_capture,
+        warnings=fitted.warnings,
     )  # fmt: skip
 
 

@@ -307,3 +307,41 @@ def test_ghosted_round_trip_for_every_family(tmp_path, family):
     kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     generated = rec.model.generate(prompt, **kwargs)  # type: ignore[operator]  # typed as nn.Module
     assert torch.equal(remote.generate(prompt, **kwargs), generated)
+
+
+def test_a_resave_loads_back_exactly_by_every_route(tmp_path, ghost_recovery):
+    # The recovered model is a Ghostsolve<Base>ForCausalLM: its own save_pretrained writes a complete
+    # checkpoint (remote code and layout included), and so does a loaded model's.
+    expected = _logits(ghost_recovery.model)
+    first = tmp_path / "first"
+    ghost_recovery.model.save_pretrained(first)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(first, trust_remote_code=True)), expected)
+    again = tmp_path / "again"
+    load(first).save_pretrained(again)
+    assert torch.equal(_logits(load(again)), expected)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True)), expected)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(again)  # never silently the unrecovered base model
+    keys = set(load_file(again / "model.safetensors"))
+    assert "model.layers.1.self_attn.q_proj.weight" in keys and "model.layers.1.ghost.delta" in keys
+
+
+def test_top_level_save_and_load(tmp_path, ghost_recovery):
+    out = ghostsolve.save(ghost_recovery, tmp_path / "ckpt")
+    assert torch.equal(_logits(ghostsolve.load(out)), _logits(ghost_recovery.model))
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path):
+    # tests/models/v1-ghosted was written by ghostsolve before the restructure (format 1: each ghosted layer
+    # inside a wrapper, weights under model.layers.{i}.layer.*), with the logits its in-memory model gave.
+    folder = Path(__file__).resolve().parents[2] / "models" / "v1-ghosted"
+    expected = torch.load(folder / "expected_logits.pt")
+    loaded = load(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=expected["input_ids"]).logits, expected["logits"])
+    # Re-saved, it becomes a checkpoint of the current format that loads back exactly.
+    out = tmp_path / "v2"
+    loaded.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["ghostsolve"]["format_version"] == 2
+    with torch.no_grad():
+        assert torch.equal(load(out)(input_ids=expected["input_ids"]).logits, expected["logits"])

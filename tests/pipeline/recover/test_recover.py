@@ -420,3 +420,22 @@ def test_layerwise_prune_comp_in_independent_order_matches_hooks() -> None:
     # α = mean|Y| / mean|X| comes from the magnitude sums, which Stats adds per chunk in the input
     # precision (fp32 here; see ghostsolve/stats.py), and the two captures chunk differently.
     assert _relative_gap(got.delta, expected.delta) <= 1e-6
+
+
+def test_too_few_calibration_tokens_for_the_operator_are_warned_of() -> None:
+    from ghostsolve.errors import CalibrationWarning
+
+    # 2 windows of 10 tokens: 20 rows for a 32×32 operator (1024 unknowns, 640 equations).
+    few = [{"input_ids": torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))}]
+    model = tiny_model("llama")
+    with pytest.warns(CalibrationWarning, match=r"layers 1: 20 calibration tokens for the 32×32 operator of "
+                      r"'ghost' \(1024 unknowns, 640 equations\).*at least 320.*ridge='cv'"):  # fmt: skip
+        rec = recover(model, [1], few, method="ghost", progress=False)
+    assert rec.warnings and "20 calibration tokens" in rec.warnings[0]
+    # A ridge makes the problem well posed, and the closed-form families have d unknowns at most.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        recover(model, [1], few, method="ghost", ridge=1e-2, progress=False)
+        recover(model, [1], few, method="diagonal", progress=False)
