@@ -151,6 +151,7 @@ def _finish_prune(args: argparse.Namespace, result: Any, out: Path | None) -> No
     if result.selection is not None:
         print(_selection_line(result.selection))
     print(result.format_table())
+    print(result.format_timings())
     if out is not None:
         print(f"saved {result.saved}: {out}")
     if args.plot:

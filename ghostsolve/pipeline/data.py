@@ -409,8 +409,8 @@ def calibration_windows(
         As :func:`read_texts`, :func:`text_windows` and :func:`sample_windows`.
     """
     if source == "self":
-        return sample_windows(model, tokenizer, n_windows, seq_len, seed=self_sampling_seed(seed,
-            "calibration"),
+        seed = self_sampling_seed(seed, "calibration")
+        return sample_windows(model, tokenizer, n_windows, seq_len, seed=seed,
                               batch_size=batch_size, progress=progress,
                               desc="sampling calibration")  # fmt: skip
     windows = text_windows(read_texts(source), tokenizer, seq_len)

@@ -412,8 +412,8 @@ def _once_on_main(fn: Callable[..., R], share: bool, *args: Any, **kwargs: Any) 
             result = fn(*args, **kwargs)
         except Exception as exc:
             error = exc
-    payload: list[Any] = [result if share else None,
-        None if error is None else f"{type(error).__name__}: {error}"]
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    payload: list[Any] = [result if share else None, failure]
     dist.broadcast_object_list(payload, src=0)
     if error is not None:
         raise error

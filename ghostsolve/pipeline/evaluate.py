@@ -24,8 +24,15 @@ from ghostsolve.pipeline.model.batches import CalibrationBatch, as_batches, eval
 from ghostsolve.pipeline.model.devices import model_input_device
 from ghostsolve.pipeline.progress import progress_bar
 
-__all__ = ["Perplexity", "default_seq_len", "lm_eval_tasks", "logits_of", "mean_nll", "perplexity",
-    "shifted_nll"]
+__all__ = [
+    "Perplexity",
+    "default_seq_len",
+    "lm_eval_tasks",
+    "logits_of",
+    "mean_nll",
+    "perplexity",
+    "shifted_nll",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +91,14 @@ def logits_of(model: Any, batch: CalibrationBatch) -> torch.Tensor:
     never reads; any other module is called with the ids and the mask only.
     """
     extra = {"use_cache": False} if hasattr(model, "config") else {}
-    return model(**batch.model_inputs(model_input_device(model)),
-        **extra).logits  # type: ignore[no-any-return]
+    inputs = batch.model_inputs(model_input_device(model))
+    return model(**inputs, **extra).logits  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
-def mean_nll(model: Any, batches: Iterable[Any], *, progress: bool = False,
-    desc: str = "perplexity") -> tuple[float, int]:
+def mean_nll(
+    model: Any, batches: Iterable[Any], *, progress: bool = False, desc: str = "perplexity"
+) -> tuple[float, int]:
     """Mean next-token NLL (nats) over every predicted token of ``batches``, and the number of tokens.
 
     The one routine behind :func:`perplexity` and the selection rules' calibration perplexity. The model runs
@@ -171,8 +179,7 @@ def perplexity(
     # An explicit all-ones mask where none is given: the model sees the same call for every window.
     mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
     masks = mask.split(batch_size)
-    batches = [CalibrationBatch(chunk, mask) for chunk, mask in zip(ids.split(batch_size), masks,
-        strict=True)]
+    batches = [CalibrationBatch(c, m) for c, m in zip(ids.split(batch_size), masks, strict=True)]
     nll_mean, n_tokens = mean_nll(model, batches, progress=progress, desc=desc)
     if not math.isfinite(nll_mean):
         raise GhostsolveError(

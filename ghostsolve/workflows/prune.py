@@ -25,7 +25,7 @@ from torch import nn
 
 from ghostsolve.adapters import get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.capture import make_engine
+from ghostsolve.pipeline.capture import StatsSpec, make_engine
 from ghostsolve.pipeline.data import batches_from_windows
 from ghostsolve.pipeline.distributed import (
     DistributedContext,
@@ -37,7 +37,14 @@ from ghostsolve.pipeline.evaluate import perplexity
 from ghostsolve.pipeline.io.atomic import refuse_existing
 from ghostsolve.pipeline.io.checkpoint import save
 from ghostsolve.pipeline.model.surgery import intervals_of, removal_set
-from ghostsolve.pipeline.recover import ORDERS, get_method, iter_recoveries, validate_method
+from ghostsolve.pipeline.recover import (
+    ORDERS,
+    FitSettings,
+    get_method,
+    iter_recoveries,
+    stats_spec,
+    validate_method,
+)
 from ghostsolve.pipeline.select import STRATEGIES, Selection, select_layers
 from ghostsolve.workflows.results import MethodResult, PruneResult, provenance
 
@@ -111,32 +118,41 @@ def check_request(
         refuse_existing(Path(out).absolute(), overwrite)
 
 
-def select_on_main(model: nn.Module, batches: list[Any], select: str, num_drop: int, options: Mapping[str,
-    Any],
-            distributed: DistributedContext | None) -> Selection:  # fmt: skip
-    """The selection, made on rank 0 and sent to every rank (a plain call in one process)."""
+def select_on_main(
+    model: nn.Module,
+    batches: list[Any],
+    select: str,
+    num_drop: int,
+    options: Mapping[str, Any],
+    distributed: DistributedContext | None,
+    keep_stats: StatsSpec | None = None,
+) -> Selection:
+    """The selection, made on rank 0 and sent to every rank (a plain call in one process). ``keep_stats``: the
+    statistics the recovery will need, captured by the selection pass where the rule can (one process only:
+    the statistics are far larger than the choice, so other ranks capture their own shards instead)."""
     shared = distributed is not None and distributed.world_size > 1
     selection: Selection = broadcast_from_main(_selection_on_main, model, batches, select, num_drop,
-                                               dict(options), shared)  # fmt: skip
+                                               dict(options), None if shared else keep_stats)  # fmt: skip
     return selection
 
 
 def _selection_on_main(model: nn.Module, batches: list[Any], select: str, num_drop: int,
-                       options: dict[str, Any], shared: bool) -> Selection:  # fmt: skip
-    selection = select_layers(model, batches, select, num_drop, **options)
-    # Statistics are far larger than the choice itself: other ranks capture their own shards instead.
-    return dataclasses.replace(selection, stats={}) if shared else selection
+                       options: dict[str, Any], keep_stats: StatsSpec | None) -> Selection:  # fmt: skip
+    selection = select_layers(model, batches, select, num_drop, keep_stats=keep_stats, **options)
+    # Without keep_stats (under torchrun) nothing is handed on: the statistics would travel to every rank.
+    return selection if keep_stats is not None else dataclasses.replace(selection, stats={})
 
 
-def _evaluate(model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool,
-    desc: str) -> Any:
+def _evaluate(
+    model: nn.Module, windows: torch.Tensor | None, batch_size: int, progress: bool, desc: str
+) -> Any:
     """Perplexity on rank 0 (None without windows). Every rank calls this: the others wait at its collective,
     also when only rank 0 holds the windows."""
 
     def on_main() -> Any:
-        return None if windows is None else perplexity(model, windows, batch_size=batch_size,
-            progress=progress,
-                                                       desc=desc)  # fmt: skip
+        if windows is None:
+            return None
+        return perplexity(model, windows, batch_size=batch_size, progress=progress, desc=desc)
 
     return run_on_main(on_main)
 
@@ -231,9 +247,14 @@ def prune(
     selection = None
     if select is not None:
         assert num_drop is not None
+        keep = None
+        same_rows = (select_options or {}).get("skip_first_token", False) == skip_first_token
+        if same_rows and "replaceme" not in methods:
+            # The block rules' own pass captures what the recovery needs: it makes no second pass.
+            settings = FitSettings(ridge, solver, rank, compute_dtype)
+            keep = stats_spec(methods, settings, product_dtype=product_dtype)
         selection = clock.timed("selection", select_on_main, model, batches, select, num_drop,
-            select_options or {},
-                                distributed)  # fmt: skip
+                                select_options or {}, distributed, keep)  # fmt: skip
         drop = list(selection.selected)
     assert drop is not None
     dense = clock.timed("evaluation", _evaluate, model, evaluation, batch_size, progress, "dense")

@@ -202,6 +202,12 @@ class PruneResult:
         )
         return "\n".join(out)
 
+    def format_timings(self) -> str:
+        """Where the run's wall time went, one line: ``time: selection 1.2 s, capture 3.4 s, ...``."""
+        order = ("selection", "capture", "fit", "evaluation", "save", "total")
+        parts = [f"{name} {self.timings[name]:.1f} s" for name in order if name in self.timings]
+        return "time: " + ", ".join(parts) if parts else "time: -"
+
     def to_report(self) -> dict[str, Any]:
         """The JSON report (see the module docstring for the contract) as plain data."""
         report: dict[str, Any] = {

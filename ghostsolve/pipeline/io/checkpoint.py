@@ -47,8 +47,15 @@ from ghostsolve.pipeline.model.ghosted import (
 )
 from ghostsolve.pipeline.model.surgery import ghost_layout
 
-__all__ = ["CONFIG_SECTION", "FORMAT_VERSION", "MODELING_FILE", "checkpoint_info", "load", "load_tokenizer",
-    "save"]
+__all__ = [
+    "CONFIG_SECTION",
+    "FORMAT_VERSION",
+    "MODELING_FILE",
+    "checkpoint_info",
+    "load",
+    "load_tokenizer",
+    "save",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +138,8 @@ def _base_class(cls: type) -> type:
     import transformers
 
     for klass in cls.__mro__:
-        if klass.__module__.startswith("transformers.") and getattr(transformers, klass.__name__,
-            None) is klass:
+        public = getattr(transformers, klass.__name__, None) is klass
+        if klass.__module__.startswith("transformers.") and public:
             return klass
     return cls
 
@@ -347,8 +354,10 @@ def _load_plain(path: str | Path, load_kwargs: dict[str, Any]) -> nn.Module:
 # ``<norm>.norm.*``; the wrapped module's own weights move back to the base model's names.
 def _v1_key_mapping(adapter: ModelAdapter) -> dict[str, str]:
     layers, norm = re.escape(adapter.layers_path), re.escape(adapter.final_norm_path)
-    return {rf"^{layers}\.(\d+)\.layer\.": rf"{adapter.layers_path}.\1.",
-        rf"^{norm}\.norm\.": f"{adapter.final_norm_path}."}
+    return {
+        rf"^{layers}\.(\d+)\.layer\.": rf"{adapter.layers_path}.\1.",
+        rf"^{norm}\.norm\.": f"{adapter.final_norm_path}.",
+    }
 
 
 def _ghosted_config(path: str | Path, raw: dict[str, Any], section: Mapping[str, Any]) -> tuple[Any, Any]:

@@ -85,13 +85,12 @@ def ghost_entries(model: nn.Module, layers_path: str, final_norm_path: str) -> l
         ghost = ghost_of(layer)
         if ghost is not None:
             entries.append({"kind": "layer", "insert_at": i, "module": f"{layers_path}.{i}",
-                **_describe(ghost),
-                            "hidden_states_kwarg": layer.hidden_states_kwarg,
+                            **_describe(ghost), "hidden_states_kwarg": layer.hidden_states_kwarg,
                             "hidden_states_arg_position": layer.hidden_states_arg_position})  # fmt: skip
     ghost = ghost_of(model.get_submodule(final_norm_path))
     if ghost is not None:
-        entries.append({"kind": "norm", "insert_at": "final_norm", "module": final_norm_path,
-            **_describe(ghost)})
+        entry = {"kind": "norm", "insert_at": "final_norm", "module": final_norm_path, **_describe(ghost)}
+        entries.append(entry)
     return entries
 
 

@@ -14,7 +14,14 @@ from ghostsolve.pipeline.recover.methods import (
     get_method,
     validate_method,
 )
-from ghostsolve.pipeline.recover.recovery import CAPTURES, Recovery, iter_recoveries, recover, recover_all
+from ghostsolve.pipeline.recover.recovery import (
+    CAPTURES,
+    Recovery,
+    iter_recoveries,
+    recover,
+    recover_all,
+    stats_spec,
+)
 
 __all__ = [
     "CAPTURES",
@@ -30,5 +37,6 @@ __all__ = [
     "iter_recoveries",
     "recover",
     "recover_all",
+    "stats_spec",
     "validate_method",
 ]

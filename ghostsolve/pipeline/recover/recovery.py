@@ -62,7 +62,7 @@ from ghostsolve.pipeline.recover.methods import (
     validate_method,
 )
 
-__all__ = ["CAPTURES", "Recovery", "iter_recoveries", "recover", "recover_all"]
+__all__ = ["CAPTURES", "Recovery", "iter_recoveries", "recover", "recover_all", "stats_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,25 @@ def _plan(model: nn.Module, drop: Iterable[int], methods: Sequence[str], batches
     )  # fmt: skip
 
 
+def stats_spec(
+    methods: Sequence[str | Method],
+    settings: FitSettings,
+    *,
+    dtype: torch.dtype = torch.float64,
+    product_dtype: torch.dtype | None = None,
+) -> StatsSpec:
+    """The statistics these methods' fits need: only the optional sums their families and the solver use, and
+    the cross-validation folds when ``ridge``/``rank`` is ``"cv"``. A selection rule that captures with this
+    spec (``select_layers(..., keep_stats=...)``) hands on statistics :func:`recover` can use as they are.
+    """
+    resolved = [get_method(m) if isinstance(m, str) else m for m in methods]
+    families = [m.family for m in resolved if m.family is not None]
+    options = stats_features(families, [settings.solver])
+    return StatsSpec(dtype, product_dtype, options, folds=settings.folds)
+
+
 def _spec(job: _Job, methods: Sequence[Method]) -> StatsSpec:
-    """Statistics that keep only the optional sums these methods' families and the solver need."""
-    families = [m.family for m in methods if m.family is not None]
-    options = stats_features(families, [job.settings.solver])
-    return StatsSpec(job.spec.dtype, job.spec.product_dtype, options, folds=job.settings.folds)
+    return stats_spec(methods, job.settings, dtype=job.spec.dtype, product_dtype=job.spec.product_dtype)
 
 
 def _covers(given: BoundaryStats, spec: StatsSpec) -> bool:
@@ -309,8 +323,8 @@ def _build(job: _Job, method: Method, fitted: _Fitted, inplace: bool) -> Recover
     for interval in job.intervals:
         start, end = interval[0] - offset, interval[1] - offset
         remove_layers(target, range(start, end), adapter=job.adapter)
-        method.apply(target, job.adapter, Cut(start, end == current_layers), fitted.fits[interval],
-            job.settings)
+        cut = Cut(start, reaches_end=end == current_layers)
+        method.apply(target, job.adapter, cut, fitted.fits[interval], job.settings)
         offset += end - start
         current_layers -= end - start
     if ghost_layout(target, adapter=job.adapter):

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ghostsolve.adapters import ModelAdapter
-from ghostsolve.pipeline.capture.consumers import BoundaryStats
+from ghostsolve.pipeline.capture.consumers import BoundaryStats, StatsSpec
 from ghostsolve.pipeline.evaluate import mean_nll
 from ghostsolve.pipeline.model.batches import CalibrationBatch
 from ghostsolve.pipeline.model.surgery import Interval
@@ -82,13 +82,23 @@ class SelectionContext:
 
     A rule that captures boundary statistics of candidate removals leaves those of its choice in
     ``captured`` (``(start, end) -> Stats``), and :func:`~ghostsolve.pipeline.select.select_layers` hands them
-    on in :attr:`Selection.stats`.
+    on in :attr:`Selection.stats`. ``keep_stats`` asks the block rules to capture them in their own pass, as
+    that spec says (the statistics a recovery will need), when they fit ``max_stats_bytes``.
     """
 
     model: nn.Module
     adapter: ModelAdapter
     batches: list[CalibrationBatch]
     captured: dict[Interval, BoundaryStats] = field(default_factory=dict)
+    keep_stats: StatsSpec | None = None
+    max_stats_bytes: int = 8 * 2**30
+
+    def affordable(self, candidates: int) -> bool:
+        """Whether the statistics of ``candidates`` blocks fit :attr:`max_stats_bytes` (``16 d²`` bytes each,
+        times the folds)."""
+        dim = int(getattr(self.model.config, "hidden_size"))  # noqa: B009 - nn.Module attributes type as Tensor
+        folds = self.keep_stats.folds if self.keep_stats is not None and self.keep_stats.folds else 1
+        return candidates * folds * 16 * dim * dim <= self.max_stats_bytes
 
     @property
     def num_layers(self) -> int:

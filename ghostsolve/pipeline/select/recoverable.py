@@ -75,7 +75,7 @@ def _candidate_residuals(
     best: dict[Interval, BoundaryStats] = {}
     for group in groups:
         consumer = IntervalStats([(l, l + num_drop) for l in group], num_layers=ctx.num_layers,
-                                 skip_first_token=skip_first_token)  # fmt: skip
+                                 skip_first_token=skip_first_token, spec=ctx.keep_stats)  # fmt: skip
         run_capture(ctx.model, ctx.batches, [consumer], adapter=ctx.adapter, progress=False)
         for interval, stats in consumer.stats.items():
             residuals[interval[0]] = _residual(stats, ridge, normalize)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ghostsolve.adapters import get_adapter
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.capture import StatsSpec
 from ghostsolve.pipeline.model.batches import as_batches
 from ghostsolve.pipeline.select.base import Selection, SelectionContext, Strategy
 from ghostsolve.pipeline.select.cosine import run_angular, run_block_influence, run_streamline
@@ -41,16 +42,14 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
                  "SLEB (Song et al., 2024)", run_sleb),
         Strategy("ppl", "layer", "calibration perplexity, layer removed alone", "lowest", (),
                  "Shortened LLaMA, PPL (Kim et al., 2024)", run_ppl),
-        Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest", ("keep_first",
-            "keep_last"),
-                 "Shortened LLaMA, Taylor+ (Kim et al., 2024)", run_taylor),
+        Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest",
+                 ("keep_first", "keep_last"), "Shortened LLaMA, Taylor+ (Kim et al., 2024)", run_taylor),
         Strategy("recoverable", "block", "ghost-fit residual / stream energy", "lowest", _RECOVERABLE_OPTIONS,
                  "ghostsolve", run_recoverable),
         Strategy("recoverable-ppl", "block", "calibration perplexity after ghost recovery", "lowest",
                  ("top_k", *_RECOVERABLE_OPTIONS), "ghostsolve", run_recoverable_ppl),
         Strategy("recoverable-greedy", "layer", "calibration perplexity after ghost recovery (round 1)",
-            "lowest",
-                 ("skip_first_token", "ridge"),
+                 "lowest", ("skip_first_token", "ridge"),
                  "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
                  run_recoverable_greedy),
     )
@@ -58,8 +57,15 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
 """Selection rules by name; see :mod:`ghostsolve.pipeline.select` for each score."""
 
 
-def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_drop: int,
-    **options: Any) -> Selection:
+def select_layers(
+    model: nn.Module,
+    batches: Iterable[Any],
+    strategy: str,
+    num_drop: int,
+    *,
+    keep_stats: StatsSpec | None = None,
+    **options: Any,
+) -> Selection:
     """Choose ``num_drop`` decoder layers to remove with a named strategy.
 
     Parameters
@@ -80,6 +86,12 @@ def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_d
         ``top_k`` (recoverable-ppl, default 3), ``ridge``, ``normalize`` and ``max_stats_bytes`` (recoverable
         rules; the fp64 statistics of one candidate block take ``16 d^2`` bytes, and the candidates are
         captured in groups that fit ``max_stats_bytes``, default 8 GiB, one pass per group).
+    keep_stats : StatsSpec, optional
+        The statistics a recovery of the chosen block will need
+        (:func:`ghostsolve.pipeline.recover.stats_spec`): the block rules (angular, streamline, the
+        recoverable rules) capture them for every candidate block in their own pass, within
+        ``max_stats_bytes``, and hand the chosen block's on in :attr:`Selection.stats`, so that recovery makes
+        no second pass.
 
     Returns
     -------
@@ -118,7 +130,9 @@ def select_layers(model: nn.Module, batches: Iterable[Any], strategy: str, num_d
             f"num_drop must be an int with 1 <= num_drop < {num_layers} (the model has {num_layers} decoder "
             f"layers and at least one must stay), got {num_drop!r}"
         )
-    ctx = SelectionContext(model, adapter, as_batches(batches))
+    ctx = SelectionContext(model, adapter, as_batches(batches), keep_stats=keep_stats)
+    if "max_stats_bytes" in options:
+        ctx.max_stats_bytes = int(options["max_stats_bytes"])
     scores, selected, details = spec.run(ctx, num_drop, **options)
     if len(set(selected)) != num_drop:  # a broken rule must not silently remove fewer layers
         raise AssertionError(f"strategy {strategy!r} selected {selected} for num_drop={num_drop}")
