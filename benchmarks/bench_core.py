@@ -234,6 +234,31 @@ def test_fits_vs_lstsq(benchmark: Any, data: Any) -> None:
         )
 
 
+def test_product_paths(benchmark: Any) -> None:
+    """The three ways a chunk's products can be computed (the choice in ghostsolve.stats), side by side."""
+    from ghostsolve.stats import _gram_products  # the internal kernel: what the path table in stats.py cites
+
+    LINES.append("chunk product paths, one chunk of 4096 rows (time relative to torch's fused Xᵀ[X | D]):")
+    for d in (1024, 576):
+        for dtype in (torch.float64, torch.float32):
+            g = torch.Generator().manual_seed(d)
+            Z = torch.randn(CHUNK, 2 * d, generator=g, dtype=dtype)
+            Xs, Ds = Z[:, :d].contiguous(), Z[:, d:].contiguous()
+            contenders = {
+                "fused": lambda Z=Z, d=d: _gram_products(Z[:, :d], Z[:, d:], "fused"),
+                "half": lambda Z=Z, d=d: _gram_products(Z[:, :d], Z[:, d:], "half"),
+                "blas": lambda Xs=Xs, Ds=Ds: _gram_products(Xs, Ds, "blas"),
+            }
+            rounds, _ = round_robin(contenders, ROUNDS)
+            for key in ("half", "blas"):
+                rel = [1 / r for r in rounds.ratios(key, "fused")]
+                med, lo, hi = statistics.median(rel), min(rel), max(rel)
+                LINES.append(
+                    f"  d={d:<5} {str(dtype).removeprefix('torch.'):<8} {key:<5} {med:5.2f}× "
+                    f"(min–max {lo:.2f}–{hi:.2f}; {rounds.load_before})"
+                )
+
+
 def _profile(d: int, chunk: int, n: int, mode: str) -> list[str]:
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(chunk, d, generator=g) for _ in range(max(1, n // chunk))]

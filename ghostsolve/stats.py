@@ -733,13 +733,15 @@ def _largest(X: torch.Tensor, Y: torch.Tensor) -> float:
     return a + b if math.isnan(a + b) else max(a, b)  # Python's max drops a NaN in its second argument
 
 
-# How a chunk's products are computed (measured with benchmarks/bench_core.py on the 2-core CPU of the
-# build machine; see docs/core.md, "Profile"):
-# * "blas": wide rows on the CPU — XᵀX by BLAS syrk (N·d² flops, one triangle, mirrored) and Xᵀ(Y−X) by
-#   GEMM, both from scipy's OpenBLAS on the tensors' own memory (torch exposes no syrk, and mixing its
-#   OpenMP pool with OpenBLAS's between the two products costs more than it saves). At d = 1024 this
-#   took 0.70× the time of torch's fused [XᵀX | XᵀD] in fp64 and 0.84× in fp32.
-# * "half": [XᵀX | XᵀD] by two torch GEMMs that skip the lower-left quarter of XᵀX (3.5·N·d² flops).
+# How a chunk's products are computed. Measured with benchmarks/bench_core.py::test_product_paths on the
+# 2-core CPU of the build machine (chunks of 4096 rows, time relative to the fused GEMM, median of 9 paired
+# rounds): at d = 1024 "blas" 0.79× and "half" 0.86× in fp64, both ≈ 0.97× in fp32 (where "blas" also
+# reads contiguous fp32 rows in place, saving the two copy passes "half" needs); at d = 576 "half" 0.91×
+# (fp64) / 1.00× (fp32) while "blas" is slower (1.17× / 1.68×).
+# * "blas": wide rows on the CPU — XᵀX by BLAS syrk (N·d² flops, one triangle, mirrored) and
+#   Xᵀ(Y−X) by gemm, both from scipy's OpenBLAS on the tensors' own memory (torch exposes no syrk, and
+#   mixing its OpenMP pool with OpenBLAS's between the two products costs more than it saves);
+# * "half": [XᵀX | XᵀD] by two torch GEMMs that skip the lower-left quarter of XᵀX (3.5·N·d² flops);
 # * "fused": one torch GEMM Xᵀ[X | D] (4·N·d²): below these sizes fewer, larger calls win.
 _BLAS_MIN_D = 768
 _HALF_MIN_D = 256
