@@ -15,7 +15,16 @@
    one capture, 13 fits, 13 model copies made one after the other) is reported beside it for
    information. Target: ratio ≤ 1.3.
 
-2. **Prefill latency.** A synthetic Llama with d = 2048 (8 layers, MLP 5632, 16 heads / 8 KV heads,
+2. **Sequential cost whatever k.** ``recover(..., order="sequential")`` on k = 1, 2 and 4 removed
+   intervals of a synthetic Llama with d = 512 (12 layers, MLP 1408, random weights), 8 sequences ×
+   256 tokens, with each capture engine (``capture="hooks"`` and ``"layerwise"``), against one plain
+   forward pass over the same tokens; every run interleaved with the forward pass, medians of
+   ``GHOSTSOLVE_BENCH_COST_ROUNDS`` rounds. Sequential order is one two-stream pass (the dense and the
+   pruned stream advance together, the pass stopping at the last boundary it needs), so its cost is
+   bounded whatever k: at most the dense layers plus the kept ones. Target: ratio ≤ 2 for every k
+   and engine.
+
+3. **Prefill latency.** A synthetic Llama with d = 2048 (8 layers, MLP 5632, 16 heads / 8 KV heads,
    vocabulary 32000, fp32 on CPU), batch 1, sequence length 128, no KV cache: the dense model, the
    plainly pruned model (layers 3 and 4 removed) and the same pruned model with a ghost operator
    before layer 5. The three share their weights (the decoder-layer list is swapped between runs), are
@@ -148,6 +157,37 @@ def test_recovery_cost_stories260k(benchmark: Any) -> None:
     _cost_case(benchmark, "stories260K d=64", model, batches)
 
 
+SEQUENTIAL_DROPS = {1: [5], 2: [2, 6], 4: [1, 4, 7, 10]}
+
+
+@pytest.mark.parametrize("capture", ["hooks", "layerwise"])
+def test_sequential_cost_whatever_k(benchmark: Any, capture: str) -> None:
+    model = synthetic_llama(512, 12, 1408)
+    gen = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 32000, (4, 256), generator=gen)} for _ in range(2)]
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch, use_cache=False)
+
+    def sequential(drop: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            recover(model, drop, batches, method="ghost", order="sequential", capture=capture, progress=False)
+
+        return run
+
+    runs: dict[str, Callable[[], Any]] = {"forward": forward}
+    runs.update({f"k={k}": sequential(drop) for k, drop in SEQUENTIAL_DROPS.items()})
+    forward()  # warm-up
+    medians: dict[str, float] = {}
+    benchmark.pedantic(lambda: medians.update(_interleaved(runs, COST_ROUNDS)), rounds=1, iterations=1)
+    for k in SEQUENTIAL_DROPS:
+        medians[f"ratio k={k}"] = medians[f"k={k}"] / medians["forward"]
+    benchmark.extra_info.update(medians)
+    RESULTS[f"sequential, {capture} engine, d=512"] = medians
+
+
 def test_prefill_latency_overhead(benchmark: Any) -> None:
     model = synthetic_llama(2048, 8, 5632)
     dense = list(model.model.layers)
@@ -182,7 +222,13 @@ def test_prefill_latency_overhead(benchmark: Any) -> None:
 def report() -> str:
     lines = []
     for key, r in RESULTS.items():
-        if "ratio" in r:
+        if "ratio k=1" in r:
+            ratios = ", ".join(f"k={k} {r[f'ratio k={k}']:.2f}" for k in SEQUENTIAL_DROPS)
+            lines.append(
+                f"{key}: plain forward {r['forward']:.3f} s; recover(ghost, sequential) / forward: {ratios} "
+                "(target <= 2 for every k)"
+            )
+        elif "ratio" in r:
             lines.append(
                 f"{key}: {r['tokens']:.0f} tokens, plain forward {r['forward']:.3f} s, recover(ghost) "
                 f"{r['recover']:.3f} s -> ratio {r['ratio']:.2f} (target <= 1.3); recover_all({len(METHODS)} "

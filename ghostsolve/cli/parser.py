@@ -198,8 +198,9 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--report",
         metavar="FILE.json",
-        help="write the JSON report: model, removed, seq_len, dense.perplexity and per method "
-        "perplexity, relative_residual, fit_seconds; saved",
+        help="write the JSON report: model, removed, seq_len, dense.perplexity; per method perplexity, "
+        "loss_recovered, relative_residual, the ridge/rank used, fit_seconds, warnings; saved, timings, "
+        "provenance",
     )
 
 
@@ -340,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layerwise",
         action="store_true",
         help="keep the model in host memory and capture layer by layer, one decoder layer on --device at a "
-        "time (for models larger than the accelerator; sampling and evaluation then run on the CPU; "
-        "not for replaceme)",
+        "time (for models larger than the accelerator; sampling and evaluation then run on the CPU)",
     )
     prune.add_argument("--plot", metavar="FILE.png", help="also write a bar plot of perplexity per method")
     _add_calibration(prune, required=True)
