@@ -16,7 +16,9 @@ def _run(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     runpy.run_path(str(EXAMPLES / name), run_name="__main__")
 
 
-def test_fit_example_prints_every_family(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_example_prints_every_family(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import ghostsolve
 
     _run("fit_example.py", [], monkeypatch)
