@@ -27,6 +27,11 @@ recovered model — a quantization modifier resolves its targets on the remainin
 (GPTQ's Hessians, activation observers) runs through the operators. The operators are not ``nn.Linear``, so
 ``targets="Linear"`` leaves them in their stored dtype (float32 by default), as ``ghostsolve.load`` does.
 
+Saving: llm-compressor's ``save_pretrained`` would rewrite ``config.json`` from the dense original's config
+(see :func:`detach_original_config`); the modifier prevents that, so both ``model.save_pretrained(out)`` and
+``ghostsolve.save(modifier.recovery, out)`` (which also records the removed layers and the fits) write the
+pruned config with its quantization config.
+
 The modifier needs no pipeline of its own (``requires_calibration_data`` is False: it consumes the data
 during initialization), so a recipe of ``GhostsolveModifier`` alone runs llm-compressor's data-free pipeline
 after it.
@@ -47,9 +52,10 @@ import torch
 from torch import nn
 
 from ghostsolve.errors import GhostsolveError
+from ghostsolve.pipeline.model.ghosted import SECTION
 from ghostsolve.pipeline.recover import METHODS, Recovery, recover
 
-__all__ = ["GhostsolveModifier", "calibration_batches", "prune_and_recover"]
+__all__ = ["GhostsolveModifier", "calibration_batches", "detach_original_config", "prune_and_recover"]
 
 #: Resolved on first access (module ``__getattr__``), which imports llm-compressor.
 GhostsolveModifier: type
@@ -132,6 +138,26 @@ def prune_and_recover(
     )  # fmt: skip
 
 
+def detach_original_config(model: nn.Module) -> str | None:
+    """Make a pruned model's saves write its own config, not its dense original's; returns the original name.
+
+    llm-compressor's ``save_pretrained`` rewrites ``config.json`` from the *original* checkpoint's config
+    (found through ``config._name_or_path``), patching only the fields it changes itself: a pruned model would
+    be saved with the dense layer count, the base ``model_type`` and no ghost layout — silently wrong. With
+    ``_name_or_path`` empty it keeps the config transformers serialized. The original name moves to the
+    config's ``ghostsolve`` section (``original_model``), where :func:`ghostsolve.save` records it.
+    """
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        return None
+    original = str(getattr(config, "_name_or_path", "") or "") or None
+    section = dict(getattr(config, SECTION, None) or {})
+    section.setdefault("original_model", original)
+    setattr(config, SECTION, section)
+    config._name_or_path = ""
+    return original
+
+
 _CLASS: list[type] = []
 
 
@@ -186,6 +212,7 @@ def _modifier_class() -> type:
                 state.model, batches, self.drop, method=self.method, ridge=self.ridge, solver=self.solver,
                 rank=self.rank, skip_first_token=self.skip_first_token, compute_dtype=self.compute_dtype,
             )  # fmt: skip
+            detach_original_config(state.model)
             return True
 
     GhostsolveModifier.__module__ = __name__
