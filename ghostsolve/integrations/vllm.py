@@ -19,7 +19,8 @@ serves a checkpoint written by :func:`ghostsolve.save`, without ``--trust-remote
 
 Served families: :data:`SERVED` (vLLM's native Llama, Mistral, Qwen2 and Qwen3 classes). OLMo-2/OLMo-3 have
 no native vLLM class (vLLM runs them through its Transformers backend), so their ghosted checkpoints are not
-served by this plugin: fold a method into plain weights or serve with transformers.
+served by this plugin: serve them with transformers (``ghostsolve.load``), or prune them with ``identity``
+(the folds are refused on post-norm models), which gives a plain checkpoint vLLM serves as it is.
 
 This module imports vLLM only inside :func:`register`; the rest — which architectures, where the operators
 go, how weight names map — is plain Python over the checkpoint's config, tested without vLLM.
@@ -121,9 +122,9 @@ def served_family(architecture: str) -> ServedFamily:
     family = SERVED.get(architecture)
     if family is None:
         raise GhostsolveError(
-            f"the ghostsolve vLLM plugin does not serve {architecture!r}; it serves {sorted(SERVED)}. Other "
-            "families (OLMo-2/3 among them: vLLM has no native class for them) can be served after a method "
-            "that folds into plain weights (identity, prune-comp, replaceme), or with transformers"
+            f"the ghostsolve vLLM plugin does not serve {architecture!r}; it serves {sorted(SERVED)}. Serve "
+            "other families' ghosted checkpoints with transformers (ghostsolve.load), or save a plain "
+            "checkpoint (method identity; prune-comp or replaceme on pre-norm models) that vLLM serves as is"
         )
     return family
 
