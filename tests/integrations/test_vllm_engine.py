@@ -38,10 +38,14 @@ def _plugin_installed() -> bool:
 
 
 def _greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    """Greedy continuation by its definition (argmax of a full forward per step), with EOS an ordinary token:
+    what vLLM's ``temperature=0, ignore_eos=True`` produces."""
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,  # type: ignore[operator]
-                             min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(prompt):].tolist()
+        for _ in range(NEW_TOKENS):
+            step = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], dim=1)
+    return ids[0, len(prompt):].tolist()
 
 
 @pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3"])
