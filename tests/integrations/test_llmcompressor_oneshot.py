@@ -83,6 +83,13 @@ def test_prune_recover_then_quantize_in_one_oneshot(dense_dir: Path, tmp_path: P
     ids = torch.tensor([[1, 17, 42, 8, 9, 33, 61, 5]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
+    # llm-compressor's own habit: its save_pretrained would rewrite config.json from the dense original's.
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["model_type"] == "ghostsolve_llama" and saved["num_hidden_layers"] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(ghostsolve.load(tmp_path / "saved")(input_ids=ids).logits, expected,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
     out = ghostsolve.save(ghost.recovery, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "ghostsolve_llama" and config["num_hidden_layers"] == 4

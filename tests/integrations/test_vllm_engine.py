@@ -80,3 +80,24 @@ def test_vllm_generates_what_ghostsolve_load_generates(checkpoint) -> None:
         del llm
         gc.collect()
     assert served == expected
+
+
+def test_vllm_refuses_a_checkpoint_without_an_operator_weight(tmp_path_factory, capfd) -> None:
+    # A missing operator would leave its identity placeholder: silently the unrecovered model. vLLM's loader
+    # counts every parameter the plugin made, so the engine refuses to start instead.
+    if not _plugin_installed():
+        pytest.skip("ghostsolve is not installed with its vllm.general_plugins entry point (pip install .)")
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM
+
+    model = tiny_model("llama", num_layers=4, hidden_size=128, seed=3)
+    rec = recover(model, [1], random_batches(n_batches=4, seq_len=24), method="ghost", progress=False)
+    out = ghostsolve.save(rec, tmp_path_factory.mktemp("damaged") / "ckpt")
+    weights = load_file(out / "model.safetensors")
+    del weights["model.layers.1.ghost.delta"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="Engine core initialization failed"):
+        LLM(model=str(out), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=64,
+            max_num_seqs=1, gpu_memory_utilization=0.08)  # fmt: skip
+    # The cause is logged by vLLM's worker process, on the file descriptor capfd reads.
+    assert "not initialized from checkpoint: {'model.layers.1.ghost.delta'}" in capfd.readouterr().err
