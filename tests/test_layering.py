@@ -1,6 +1,7 @@
 """Layering: core ← adapters ← pipeline ← workflows ← cli, nothing imports upward; inside the pipeline the
-arrows of docs/design.md; the remote-code files import nothing of ghostsolve; no private name crosses
-modules."""
+arrows of docs/design.md; integrations above pipeline and workflows, imported by nothing of ghostsolve and
+importing their engines (vLLM, llm-compressor) lazily; the remote-code files import nothing of ghostsolve; no
+private name crosses modules."""
 
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ def _files() -> list[Path]:
 
 
 def _layer(module: str) -> str:
-    """``core``, ``adapters``, ``pipeline.<part>``, ``workflows`` or ``cli``."""
+    """``core``, ``adapters``, ``pipeline.<part>``, ``workflows``, ``integrations`` or ``cli``."""
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in ("__main__",):
         return "cli" if parts[-1] == "__main__" else "core"
     if parts[1] == "pipeline":
         return "pipeline" if len(parts) == 2 else f"pipeline.{parts[2]}"
-    return parts[1] if parts[1] in ("adapters", "workflows", "cli") else "core"
+    return parts[1] if parts[1] in ("adapters", "workflows", "integrations", "cli") else "core"
 
 
 # What each layer may import from ghostsolve (besides itself). Core modules never reach the model side.
@@ -75,7 +76,16 @@ ALLOWED: dict[str, set[str]] = {
                   "pipeline.io", "pipeline.recover", "pipeline.select", "pipeline.distributed"},
     "cli": {"core", "workflows", "pipeline.io", "pipeline.data", "pipeline.evaluate", "pipeline.distributed",
             "pipeline.select", "pipeline.recover", "cli"},
+    # Bridges to other engines (vLLM, llm-compressor): they may use everything below; nothing imports them.
+    "integrations": {"core", "adapters", "pipeline.model", "pipeline.capture", "pipeline.evaluate",
+                     "pipeline.data", "pipeline.io", "pipeline.recover", "pipeline.select",
+                     "pipeline.distributed", "pipeline.progress", "workflows"},
 }
+# The optional engines the integrations bridge to: never imported at the top of a module vLLM does not import
+# itself, and never by anything outside ghostsolve.integrations.
+ENGINES = ("vllm", "llmcompressor", "compressed_tensors")
+# Imported only by vLLM, after the plugin registered its classes: it may import vLLM at its top.
+IMPORTED_BY_ENGINE = {"ghostsolve.integrations.vllm_models"}
 
 
 def _ghostsolve_targets(path: Path) -> set[str]:
@@ -105,6 +115,33 @@ def test_no_upward_imports(path: Path) -> None:
     if layer == "core":
         bad += [f"{module} imports transformers" for n in _imports(path) if n.split(".")[0] == "transformers"]
     assert not bad, "layering violations:\n" + "\n".join(bad)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Top-level package names imported outside any function body of a file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}  # fmt: skip
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in inside:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(PKG.parent)))
+def test_optional_engines_are_imported_lazily_and_only_by_the_integrations(path: Path) -> None:
+    module = _module_name(path)
+    engines = {n.split(".")[0] for n in _imports(path)} & set(ENGINES)
+    if _layer(module) != "integrations":
+        assert not engines, f"{module} imports {sorted(engines)}: only ghostsolve.integrations may"
+    elif module not in IMPORTED_BY_ENGINE:
+        eager = _top_level_imports(path) & set(ENGINES)
+        assert not eager, f"{module} imports {sorted(eager)} at import time; import it inside the function"
 
 
 def test_no_private_name_is_imported_across_modules() -> None:

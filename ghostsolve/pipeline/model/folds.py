@@ -4,9 +4,12 @@
   cut is multiplied by ``α``. In a pre-norm model the stream is the sum of the token embedding and
   every o_proj / down_proj output written so far, and each sublayer reads it through a norm that
   ignores its scale, so multiplying the embedding and every o_proj/down_proj *before the cut* by ``α``
-  multiplies the stream there by ``α`` (exactly up to the norms' epsilon). A tied lm_head must be
-  untied first or it would be scaled too. In a post-norm model (OLMo-2) the sublayer outputs pass
-  through a norm before the addition, which cancels the scale: the fold is refused there.
+  multiplies the stream there by ``α`` (exactly up to the norms' epsilon). A tied lm_head is scaled
+  with the embedding; the final norm's weight (and bias) is scaled by ``1/α`` to compensate, which is
+  exact because the lm_head is linear in the final norm's output: ``(n/α)(α E)ᵀ = n Eᵀ``. So the
+  checkpoint stays tied and no lm_head copy is made (an untied copy would cost vocab × hidden weights,
+  ≈1 GB in bf16 for a Llama-3-8B-sized vocabulary). In a post-norm model (OLMo-2) the sublayer outputs
+  pass through a norm before the addition, which cancels the scale: the fold is refused there.
 * **ReplaceMe** (linear map on an MLP output): ``m ↦ m T`` applied to the MLP output of the last kept
   layer before the cut, folded into its down_proj: ``m T = a W_downᵀ T + b T``, so
   ``W_down ← Tᵀ W_down`` and ``b ← b T``. In a post-norm model a norm sits between down_proj and the
@@ -85,7 +88,9 @@ def fold_prune_comp(model: nn.Module, cut: int, alpha: float, *, adapter: ModelA
     """Multiply the stream entering layer ``cut`` by ``alpha``, in the weights (in place).
 
     Scales the token embedding and the o_proj and down_proj (weights and biases) of layers
-    ``0 .. cut-1`` by ``alpha``; unties a tied lm_head first.
+    ``0 .. cut-1`` by ``alpha``. When the lm_head is tied to the embedding it is scaled with it, and the
+    final norm's weight and bias are scaled by ``1 / alpha`` so that the logits are unchanged: the model
+    stays tied, with no extra lm_head copy (see the module docstring).
 
     Parameters
     ----------
@@ -113,9 +118,19 @@ def fold_prune_comp(model: nn.Module, cut: int, alpha: float, *, adapter: ModelA
     targets = [adapter.embeddings(model)]
     for layer in list(layers)[:cut]:
         targets += [adapter.o_proj(layer), adapter.down_proj(layer)]
-    untie_embeddings(model, adapter=adapter)
+    # The final norm's output feeds only the lm_head, and logits are linear in it: dividing it by α
+    # undoes the α the shared weight gives the lm_head, exactly (an RMSNorm/LayerNorm's affine part is
+    # elementwise, so scaling its weight and bias scales its output).
+    compensate = adapter.final_norm(model) if adapter.tied_embeddings(model) else None
+    if compensate is not None and not isinstance(getattr(compensate, "weight", None), torch.Tensor):
+        raise GhostsolveError(
+            f"the lm_head is tied to the embedding but the final norm {type(compensate).__name__} has no "
+            "weight to compensate the scale in; untie it first (untie_embeddings)"
+        )
     for module in targets:
         _scale_linear_(module, alpha)
+    if compensate is not None:
+        _scale_linear_(compensate, 1.0 / alpha)
 
 
 def fold_replaceme(

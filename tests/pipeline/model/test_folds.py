@@ -43,8 +43,38 @@ def test_prune_comp_scales_the_stream_at_the_cut(family: str) -> None:
     before, after = hidden_states(model), hidden_states(folded)
     for i in range(3):  # the inputs of layers 0, 1, 2 are all scaled
         torch.testing.assert_close(after[i], 1.7 * before[i], rtol=1e-5, atol=1e-6)
-    # The lm_head is not scaled (untied first when tied).
-    torch.testing.assert_close(folded.lm_head.weight, model.lm_head.weight)
+    if family == "llama-tied":  # still tied: the shared weight is scaled, the final norm compensates
+        assert folded.lm_head.weight is folded.model.embed_tokens.weight
+        torch.testing.assert_close(folded.lm_head.weight, 1.7 * model.lm_head.weight)
+        torch.testing.assert_close(folded.model.norm.weight, model.model.norm.weight / 1.7)
+    else:
+        torch.testing.assert_close(folded.lm_head.weight, model.lm_head.weight)
+        torch.testing.assert_close(folded.model.norm.weight, model.model.norm.weight)
+
+
+@pytest.mark.parametrize("family", PRE_NORM)
+@pytest.mark.parametrize("alpha", [0.3, 1.7, 25.0])
+def test_prune_comp_at_the_end_leaves_the_logits_unchanged(family: str, alpha: float) -> None:
+    # A cut after the last layer scales the stream entering the final norm, which ignores its scale; with a
+    # tied lm_head the scaled shared weight must be undone exactly by the final norm's compensation.
+    model = eps_free(family)
+    folded = copy.deepcopy(model)
+    fold_prune_comp(folded, 4, alpha)
+    torch.testing.assert_close(logits(folded), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_prune_comp_keeps_a_tied_model_tied_without_an_lm_head_copy(tmp_path) -> None:
+    model = eps_free("llama-tied")
+    n_params = sum(p.numel() for p in model.parameters())
+    fold_prune_comp(model, 2, 1.3)
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    model.save_pretrained(tmp_path / "ckpt")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
 
 
 @pytest.mark.parametrize("family", PRE_NORM)
