@@ -57,14 +57,22 @@ def _oneshot(dense_dir: Path, recipe) -> torch.nn.Module:
     return model
 
 
-def test_prune_recover_then_quantize_in_one_oneshot(dense_dir: Path, tmp_path: Path) -> None:
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+def _quantizer(name: str):
+    if name == "gptq":  # calibrated: llm-compressor's sequential pipeline runs through the operators
+        from llmcompressor.modifiers.gptq import GPTQModifier
 
+        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    from llmcompressor.modifiers.quantization import QuantizationModifier  # data-free
+
+    return QuantizationModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"])
+
+
+@pytest.mark.parametrize("quantizer", ["w8a16", "gptq"])
+def test_prune_recover_then_quantize_in_one_oneshot(dense_dir: Path, tmp_path: Path, quantizer: str) -> None:
     from ghostsolve.integrations.llmcompressor import GhostsolveModifier
 
     ghost = GhostsolveModifier(drop=DROP, method="ghost")
-    model = _oneshot(dense_dir, [ghost, QuantizationModifier(targets="Linear", scheme="W8A16",
-                                                             ignore=["lm_head"])])  # fmt: skip
+    model = _oneshot(dense_dir, [ghost, _quantizer(quantizer)])
     # Pruned and recovered in place, with the operators ghostsolve fits on the same batches by itself.
     assert type(model).__name__ == "GhostsolveLlamaForCausalLM" and len(model.model.layers) == 4
     from transformers import AutoModelForCausalLM
