@@ -102,7 +102,8 @@ def demo(
             f"the demo model is missing ({folder} has no config.json); reinstall ghostsolve, or run "
             "scripts/train_demo_model.py in a source checkout"
         )
-    refuse_existing(Path(out).absolute(), overwrite)
+    refuse_existing(Path(out).absolute(), overwrite, inputs=(folder, *_files_of(calibration),
+                                                             *_files_of(evaluation)))  # fmt: skip
     methods = list(methods) if methods is not None else demo_methods()
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in the methods")
@@ -130,6 +131,10 @@ def demo(
     result.saved = DEMO_SAVED_METHOD
     run_on_main(_write_demo_folder, result, Path(out), overwrite, tokenizer, start)
     return result
+
+
+def _files_of(source: Any) -> list[str]:
+    return [] if source == "self" else [str(p) for p in source]
 
 
 def _describe(source: Any, windows: Any) -> dict[str, Any]:

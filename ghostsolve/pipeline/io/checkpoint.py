@@ -34,7 +34,7 @@ from torch import nn
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.io.atomic import atomic_directory, refuse_existing
+from ghostsolve.pipeline.io.atomic import atomic_directory, recover_interrupted, refuse_existing
 from ghostsolve.pipeline.io.jsonio import interval_label, to_json
 from ghostsolve.pipeline.model.ghosted import (
     FORMAT_VERSION,
@@ -184,7 +184,8 @@ def save(
     Raises
     ------
     GhostsolveError
-        If ``out_dir`` exists and ``overwrite`` is false, or the model is of a family without an adapter.
+        If ``out_dir`` exists and ``overwrite`` is false, or is, contains or lies inside the directory the
+        model was loaded from (its ``_name_or_path``), or the model is of a family without an adapter.
         Nothing is left behind on failure.
     """
     candidate = recovery_or_model.model if _is_recovery(recovery_or_model) else recovery_or_model
@@ -194,7 +195,7 @@ def save(
         )
     model: Any = candidate
     out = Path(out_dir)
-    refuse_existing(out.absolute(), overwrite)
+    refuse_existing(out.absolute(), overwrite, inputs=(getattr(model.config, "_name_or_path", None),))
     adapter = get_adapter(model)
     section = _section(recovery_or_model, model, original_model, extra, adapter)
     if section["checkpoint_kind"] == "ghosted":
@@ -202,7 +203,7 @@ def save(
     previous = getattr(model.config, SECTION, None)
     setattr(model.config, SECTION, section)
     try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
+        with atomic_directory(out, overwrite=overwrite, what="the checkpoint") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -235,6 +236,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any] | None:
 
 def _read_config(path: str | Path) -> dict[str, Any] | None:
     local = Path(path)
+    if not local.exists():
+        recover_interrupted(local)  # a checkpoint whose --overwrite swap was killed midway
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
@@ -264,6 +267,21 @@ def _read_config(path: str | Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         raise GhostsolveError(f"{str(config_file)!r} is not valid JSON ({exc})") from exc
     return data if isinstance(data, dict) else None
+
+
+def _is_load_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the files could not be read (rather than a bug): I/O, format, or safetensors."""
+    return isinstance(exc, (OSError, RuntimeError, ValueError)) or type(exc).__name__ == "SafetensorError"
+
+
+def _load_reason(exc: BaseException) -> str:
+    reason = _first_line(exc)
+    if type(exc).__name__ == "SafetensorError":
+        # safetensors validates the header and the byte ranges before reading: a truncated or overwritten
+        # file ends here.
+        reason = (f"its weights file is truncated or corrupt ({reason}); copy or download the checkpoint "
+                  "again, or re-save it")  # fmt: skip
+    return reason
 
 
 def _check_loading_info(info: Mapping[str, Any], path: str | Path) -> None:
@@ -344,8 +362,10 @@ def _load_plain(path: str | Path, load_kwargs: dict[str, Any]) -> nn.Module:
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
         model, info = loaded
-    except (OSError, ValueError) as exc:
-        raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if not _is_load_failure(exc):
+            raise
+        raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {_load_reason(exc)}") from exc
     _check_loading_info(info, path)
     return model  # type: ignore[no-any-return]
 
@@ -406,11 +426,11 @@ def _load_ghosted(
             # transformers would undo the renaming when this model is saved again: it is to stay, so that a
             # re-save writes the current format.
             model._weight_conversions = None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if isinstance(exc, GhostsolveError):
+    except Exception as exc:
+        if isinstance(exc, GhostsolveError) or not _is_load_failure(exc):
             raise
         raise GhostsolveError(
-            f"cannot load the ghosted checkpoint {str(path)!r}: {_first_line(exc)}"
+            f"cannot load the ghosted checkpoint {str(path)!r}: {_load_reason(exc)}"
         ) from exc
     return model  # type: ignore[no-any-return]
 
