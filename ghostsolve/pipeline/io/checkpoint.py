@@ -409,9 +409,30 @@ def _ghosted_config(path: str | Path, raw: dict[str, Any], section: Mapping[str,
             f"{adapter.family} layout is {layout}; refusing a layout that does not match the architecture"
         )
     ghosts = section.get("ghosts") or []
+    _check_ghost_facts(path, ghosts, adapter)
     config = ghosted_config_class(type(base_config))(**fields)
     setattr(config, SECTION, {**section, "layout": layout, "ghosts": ghosts})
     return config, ghosted_model_class(base_cls)
+
+
+def _check_ghost_facts(path: str | Path, ghosts: Any, adapter: ModelAdapter) -> None:
+    """The ghost entries of ``config.json`` must state the adapter's own facts about a layer's arguments."""
+    if not isinstance(ghosts, list):
+        raise GhostsolveError(
+            f"checkpoint {str(path)!r} has a damaged ghostsolve section (ghosts is not a list)"
+        )
+    facts = {"hidden_states_kwarg": adapter.hidden_states_kwarg,
+             "hidden_states_arg_position": adapter.hidden_states_arg_position}  # fmt: skip
+    for entry in ghosts:
+        if not isinstance(entry, Mapping) or entry.get("kind") != "layer":
+            continue
+        stated = {key: entry.get(key, value) for key, value in facts.items()}
+        if stated != facts:
+            raise GhostsolveError(
+                f"checkpoint {str(path)!r} says its ghosted layers take their hidden states as {stated}, but "
+                f"the {adapter.family} layers take them as {facts}; refusing a config.json that does not "
+                "match the architecture"
+            )
 
 
 def _load_ghosted(

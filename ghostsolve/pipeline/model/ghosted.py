@@ -26,6 +26,7 @@ architectures lives here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,10 +39,15 @@ try:  # inside the ghostsolve package
     if not (__package__ or "").startswith("ghostsolve."):
         raise ImportError
     from ghostsolve.pipeline.model import operators as _operators
-    from ghostsolve.pipeline.model.operators import apply_ghost_entries, check_exact_load, ghost_of
+    from ghostsolve.pipeline.model.operators import _Error, apply_ghost_entries, check_exact_load, ghost_of
 except ImportError:  # the remote code of a checkpoint: the operators shipped beside this file
     from . import ghostsolve_operators as _operators  # type: ignore[no-redef]
-    from .ghostsolve_operators import apply_ghost_entries, check_exact_load, ghost_of  # type: ignore[no-redef]
+    from .ghostsolve_operators import (  # type: ignore[no-redef]
+        _Error,
+        apply_ghost_entries,
+        check_exact_load,
+        ghost_of,
+    )
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,6 +55,7 @@ __all__ = [
     "MODEL_TYPE_PREFIX",
     "OPERATORS_FILE",
     "SECTION",
+    "check_layout",
     "ghost_entries",
     "ghosted_config_class",
     "ghosted_model_class",
@@ -110,6 +117,68 @@ def _section(config: Any) -> dict[str, Any]:
     return dict(section)
 
 
+# A path component of the layout: an attribute name that cannot be private or special, or a list index.
+_PART = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*|[0-9]+)$")
+_MAX_ARG_POSITION = 16
+
+
+def _plain_path(path: Any, what: str) -> str:
+    if not isinstance(path, str) or not all(_PART.match(p) for p in path.split(".")):
+        raise _Error(
+            f"the checkpoint's {what} {path!r} is not a dotted path of plain attribute names and indices; "
+            "the config.json was altered — re-save it with ghostsolve"
+        )
+    return path
+
+
+def check_layout(model: nn.Module, section: Mapping[str, Any]) -> tuple[str, str]:
+    """The ``(layers_path, final_norm_path)`` of a checkpoint, checked against what ``model`` is built of.
+
+    The layout and the ghost entries come from ``config.json``: before anything follows them, every path
+    must be plain dotted names (no private or special attributes), the layers path must reach — through
+    registered submodules only — a ``ModuleList`` of ``config.num_hidden_layers`` decoder layers, the final
+    norm path a module outside it holding only 1-D parameters (a norm's weight and bias, not an embedding or
+    the head), and each entry's hidden-states keyword and position must be a plain name and a small index.
+
+    Raises
+    ------
+    ValueError (GhostsolveError inside ghostsolve)
+        For anything else.
+    """
+    layout = section.get("layout")
+    if not isinstance(layout, Mapping):
+        raise _Error("the checkpoint's ghostsolve section has no layout; re-save it with ghostsolve")
+    layers_path = _plain_path(layout.get("layers_path"), "layers path")
+    norm_path = _plain_path(layout.get("final_norm_path"), "final norm path")
+    try:
+        layers, norm = model.get_submodule(layers_path), model.get_submodule(norm_path)
+    except AttributeError as exc:
+        raise _Error(f"the checkpoint's layout names no submodule of this model ({exc})") from None
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != expected:
+        raise _Error(
+            f"the checkpoint's layers path {layers_path!r} is a {type(layers).__name__}, not the model's "
+            f"list of {expected} decoder layers"
+        )
+    inside = norm_path == layers_path or norm_path.startswith(layers_path + ".")
+    params = list(norm.parameters())
+    if inside or list(norm.children()) or not params or any(p.ndim != 1 for p in params):
+        raise _Error(f"the checkpoint's final norm path {norm_path!r} does not name the model's final norm")
+    for entry in section.get("ghosts") or []:
+        if not isinstance(entry, Mapping):
+            raise _Error(f"a ghost entry must be a mapping, got {type(entry).__name__}")
+        if entry.get("kind") != "layer":
+            continue
+        key = entry.get("hidden_states_kwarg", "hidden_states")
+        pos = entry.get("hidden_states_arg_position", 0)
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise _Error(f"ghost entry hidden_states_kwarg {key!r} is not a plain argument name")
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < _MAX_ARG_POSITION:
+            raise _Error(f"ghost entry hidden_states_arg_position {pos!r} is not an index below "
+                         f"{_MAX_ARG_POSITION}")  # fmt: skip
+    return layers_path, norm_path
+
+
 class _GhostedModel:
     """Behaviour shared by every ``Ghostsolve<Base>ForCausalLM`` (mixed in before the base class)."""
 
@@ -118,10 +187,10 @@ class _GhostedModel:
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         section = _section(config)
-        layout = section["layout"]
         model: Any = self
-        apply_ghost_entries(model, section.get("ghosts") or [], layers_path=str(layout["layers_path"]),
-                            final_norm_path=str(layout["final_norm_path"]))  # fmt: skip
+        layers_path, norm_path = check_layout(model, section)
+        apply_ghost_entries(model, section.get("ghosts") or [], layers_path=layers_path,
+                            final_norm_path=norm_path)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import torch
 
 import ghostsolve
 from ghostsolve import GhostsolveError
@@ -217,3 +218,81 @@ def test_leftovers_of_older_versions_without_a_process_id_are_cleaned(tmp_path):
     done = recover_interrupted(out)
     assert len(done) == 2 and out.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x8_k2m0q", "ckpt"]
+
+
+# item 7: config.json may not steer getattr/setattr anywhere -------------------------------------------------
+def _edit(section, **changes):
+    ghosts = section["ghosts"]
+    if "module" in changes:
+        ghosts[0]["module"] = changes.pop("module")
+    for key in ("hidden_states_kwarg", "hidden_states_arg_position"):
+        if key in changes:
+            ghosts[0][key] = changes.pop(key)
+    if "norm_entry" in changes:
+        entry = {"kind": "norm", "module": changes.pop("norm_entry"), "dim": ghosts[0]["dim"],
+                 "insert_at": "final_norm", "delta_dtype": "float32", "compute_dtype": None}  # fmt: skip
+        ghosts.append(entry)
+    section["layout"].update(changes)
+
+
+CRAFTED = {
+    "module dunder": {"module": "model.__class__.__init__"},
+    "module private": {"module": "model._modules.layers.1"},
+    "layers dunder": {"layers_path": "model.__class__", "module": "model.__class__.1"},
+    "layers not the layer list": {"layers_path": "model.layers.0.mlp", "module": "model.layers.0.mlp.0"},
+    "norm is the head": {"final_norm_path": "lm_head", "norm_entry": "lm_head"},
+    "norm is the embedding": {"final_norm_path": "model.embed_tokens", "norm_entry": "model.embed_tokens"},
+    "norm dunder": {"final_norm_path": "model.norm.__class__", "norm_entry": "model.norm.__class__"},
+    "kwarg dunder": {"hidden_states_kwarg": "__class__"},
+    "position not an int": {"hidden_states_arg_position": "1e9"},
+    "position huge": {"hidden_states_arg_position": 10**9},
+}
+
+
+def _class_state():
+    import torch.nn
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    classes = [transformers.LlamaModel, transformers.LlamaForCausalLM, modeling_llama.LlamaDecoderLayer,
+               modeling_llama.LlamaRMSNorm, torch.nn.Linear, torch.nn.Embedding, torch.nn.Module]  # fmt: skip
+    return {cls: dict(vars(cls)) for cls in classes}
+
+
+@pytest.mark.parametrize("loader", ["ghostsolve", "remote code"])
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_config_is_refused_and_patches_nothing(tmp_path, ghosted, loader, case):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(ghosted, tmp_path / "crafted")
+    config = json.loads((folder / "config.json").read_text())
+    _edit(config["ghostsolve"], **dict(CRAFTED[case]))
+    (folder / "config.json").write_text(json.dumps(config))
+    if "norm_entry" in CRAFTED[case]:  # give the extra operator its weight, so no missing key gives it away
+        weights = load_file(folder / "model.safetensors")
+        dim = config["ghostsolve"]["ghosts"][0]["dim"]
+        weights[CRAFTED[case]["norm_entry"] + ".ghost.delta"] = torch.zeros(dim, dim)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    before = _class_state()
+    with pytest.raises(ValueError) as caught:  # GhostsolveError (a ValueError) with ghostsolve installed
+        if loader == "ghostsolve":
+            ghostsolve.load(folder)
+        else:
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert isinstance(caught.value, GhostsolveError)
+    assert "ghost" in str(caught.value) or "layout" in str(caught.value) or "path" in str(caught.value)
+    after = _class_state()
+    assert after.keys() == before.keys()
+    for cls in before:
+        assert after[cls] == before[cls], f"{cls.__name__} was modified"
+
+
+def test_the_untouched_checkpoint_loads_by_both_routes(ghosted):
+    from transformers import AutoModelForCausalLM
+
+    ghostsolve.load(ghosted)
+    AutoModelForCausalLM.from_pretrained(ghosted, trust_remote_code=True)
