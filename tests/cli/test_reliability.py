@@ -95,3 +95,80 @@ def test_a_report_may_not_replace_the_calibration_text(tmp_path, model_dir, caps
     assert main(argv) == 2
     assert "is the input" in _error_line(capsys)
     assert calib.read_bytes() == before
+
+
+# item 9 -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder this process cannot write to (skips where permissions do not bind, e.g. as root)."""
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip("chmod does not stop this user from writing (running as root?)")
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("argv", "label", "target"),
+    [
+        (["prune", "--drop", "1", "--out", "{ro}/ckpt"], "output", "ckpt"),
+        (["prune", "--drop", "1", "--out", "{ro}/deeper/ckpt"], "output", "deeper/ckpt"),
+        (["prune", "--drop", "1", "--out", "{ok}/ckpt", "--report", "{ro}/r.json"], "report", "r.json"),
+        (["prune", "--drop", "1", "--plot", "{ro}/p.png"], "plot", "p.png"),
+        (["select", "--strategy", "angular", "--num-drop", "1", "--report", "{ro}/r.json"], "report",
+         "r.json"),
+        (["diagnose", "--drop", "1", "--report", "{ro}/r.json"], "report", "r.json"),
+        (["eval", "--report", "{ro}/r.json"], "report", "r.json"),
+    ],
+)
+def test_unwritable_folders_fail_before_any_work(
+    tmp_path, read_only, model_dir, text, capsys, monkeypatch, argv, label, target
+):
+    import ghostsolve.cli.commands as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *_a, **_k: pytest.fail("the model was loaded"))
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    command, *rest = [a.format(ro=read_only, ok=ok) for a in argv]
+    calib = [] if command == "eval" else ["--calib-text", str(text)]
+    assert main([command, str(model_dir), *calib, *rest, *QUIET]) == 2
+    line = _error_line(capsys)
+    assert f"cannot write the {label} to {str(read_only / target)!r}" in line
+    assert f"folder {str(read_only)!r} is not writable" in line
+    assert list(ok.iterdir()) == [] and list(read_only.iterdir()) == []
+
+
+def test_demo_checks_that_its_out_can_be_written(tmp_path, read_only, capsys):
+    assert main(["demo", "--out", str(read_only / "o"), *QUIET]) == 2
+    assert "is not writable" in _error_line(capsys)
+
+
+# item 4 -------------------------------------------------------------------------------------------------
+def test_a_truncated_checkpoint_is_one_line_and_status_2(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "m", layers=4)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["eval", str(model), "--seq-len", "16", "--num-eval", "2", *QUIET]) == 2
+    assert "weights file is truncated or corrupt" in _error_line(capsys)
+
+
+def test_a_full_disk_during_prune_is_one_line_and_status_2(tmp_path, model_dir, text, capsys, monkeypatch):
+    import errno
+
+    import transformers.modeling_utils
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "out"
+    argv = ["prune", str(model_dir), "--drop", "1", "--calib-text", str(text), "--num-calib", "4",
+            "--seq-len", "16", "--out", str(out), *QUIET]  # fmt: skip
+    assert main(argv) == 2
+    assert "the disk is full" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []

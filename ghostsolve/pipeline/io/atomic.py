@@ -29,6 +29,7 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "check_destination",
+    "check_writable",
     "recover_interrupted",
     "refuse_existing",
     "refuse_overlap",
@@ -92,6 +93,28 @@ def refuse_overlap(out: str | Path, inputs: Iterable[str | Path | None]) -> None
         )
 
 
+def check_writable(path: str | Path, *, what: str = "the file") -> None:
+    """Check that ``path`` can be created: the nearest existing folder above it is writable (and searchable).
+
+    Everything here is written under a temporary name in that folder and renamed into place, so the folder's
+    permission is what counts, also when ``path`` exists already.
+
+    Raises
+    ------
+    GhostsolveError
+        If that folder is not writable, naming it.
+    """
+    target = Path(path).absolute()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GhostsolveError(
+            f"cannot write {what} to {str(path)!r}: folder {str(folder)!r} is not writable (permission "
+            "denied); choose another path or make the folder writable"
+        )
+
+
 def refuse_existing(out: Path, overwrite: bool, *, inputs: Iterable[str | Path | None] = ()) -> None:
     """Check that ``out`` may become an output directory (and overlaps none of ``inputs``).
 
@@ -99,10 +122,12 @@ def refuse_existing(out: Path, overwrite: bool, *, inputs: Iterable[str | Path |
     ------
     GhostsolveError
         If ``out`` exists and ``overwrite`` is false, or exists and is not a directory, or it is, contains
-        or lies inside one of ``inputs`` (:func:`refuse_overlap`).
+        or lies inside one of ``inputs`` (:func:`refuse_overlap`), or its folder is not writable
+        (:func:`check_writable`).
     """
     refuse_overlap(out, inputs)
     recover_interrupted(out)
+    check_writable(out, what="the output")
     if out.exists() and not overwrite:
         raise GhostsolveError(
             f"output {str(out)!r} already exists; choose another --out or pass --overwrite (overwrite=True)"
@@ -219,12 +244,17 @@ def recover_interrupted(out: str | Path) -> list[str]:
     tmps, olds = _leftovers(target)
     done: list[str] = []
     if olds and not os.path.lexists(target):
-        os.rename(olds[0], target)
-        done.append(f"restored {str(target)!r} from {olds[0].name}, left by an interrupted --overwrite")
+        try:
+            os.rename(olds[0], target)
+            done.append(f"restored {str(target)!r} from {olds[0].name}, left by an interrupted --overwrite")
+        except OSError as exc:
+            done.append(f"could not restore {str(target)!r} from {olds[0].name} ({exc}); rename it back by "
+                        "hand")
         olds = olds[1:]
     for path in (*olds, *tmps):
         shutil.rmtree(path, ignore_errors=True)
-        done.append(f"removed {path.name}, left beside {str(target)!r} by an interrupted write")
+        if not path.exists():
+            done.append(f"removed {path.name}, left beside {str(target)!r} by an interrupted write")
     for line in done:
         logger.warning("%s", line)
     return done
@@ -261,7 +291,7 @@ def check_destination(path: str | Path, *, what: str = "the file") -> None:
     Raises
     ------
     GhostsolveError
-        If the folder of ``path`` does not exist, or ``path`` is an existing directory.
+        If the folder of ``path`` does not exist or is not writable, or ``path`` is an existing directory.
     """
     target = Path(path)
     if not target.parent.is_dir():
@@ -273,6 +303,7 @@ def check_destination(path: str | Path, *, what: str = "the file") -> None:
         raise GhostsolveError(
             f"cannot write {what} to {str(target)!r}: it is a directory; give a file path"
         )
+    check_writable(target, what=what)
 
 
 @contextlib.contextmanager
