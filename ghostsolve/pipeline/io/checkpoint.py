@@ -334,8 +334,13 @@ def load(
     GhostsolveError
         If the path holds no model, or the weights do not match the architecture exactly (a missing,
         unexpected or mis-shaped tensor: e.g. a ghost operator's weight missing) — never a silent load of the
-        unrecovered model.
+        unrecovered model; a ghost operator holding NaN/Inf; a weights file that is truncated or corrupt; a
+        ``device`` that is not available.
     """
+    if device is not None:
+        from ghostsolve.pipeline.model.devices import resolve_device
+
+        device = resolve_device(device)  # an unavailable device fails before the model is read
     raw = _read_config(path)
     section = raw.get(SECTION) if raw is not None else None
     load_kwargs: dict[str, Any] = {**kwargs, "dtype": dtype if dtype is not None else "auto"}

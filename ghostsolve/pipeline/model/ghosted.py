@@ -179,6 +179,21 @@ def check_layout(model: nn.Module, section: Mapping[str, Any]) -> tuple[str, str
     return layers_path, norm_path
 
 
+def _check_finite_ghosts(model: nn.Module, where: str) -> None:
+    """Refuse operators holding NaN/Inf: they would turn every hidden state they touch into NaN."""
+    for name, module in model.named_modules():
+        ghost = ghost_of(module)
+        if ghost is None or ghost.delta.device.type == "meta":
+            continue
+        bad = int((~ghost.delta.isfinite()).sum())
+        if bad:
+            raise _Error(
+                f"checkpoint {where!r}: the ghost operator of {name} holds {bad} NaN/Inf value(s) of "
+                f"{ghost.delta.numel()}; the weights file is damaged — copy the checkpoint again or re-save "
+                "it"
+            )
+
+
 class _GhostedModel:
     """Behaviour shared by every ``Ghostsolve<Base>ForCausalLM`` (mixed in before the base class)."""
 
@@ -198,7 +213,9 @@ class _GhostedModel:
         # value, i.e. silently give the unrecovered model: refuse instead.
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)  # type: ignore[misc]
-        check_exact_load(info, str(args[0]) if args else "checkpoint")
+        where = str(args[0]) if args else "checkpoint"
+        check_exact_load(info, where)
+        _check_finite_ghosts(model, where)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:

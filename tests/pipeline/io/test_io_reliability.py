@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -296,3 +297,30 @@ def test_the_untouched_checkpoint_loads_by_both_routes(ghosted):
 
     ghostsolve.load(ghosted)
     AutoModelForCausalLM.from_pretrained(ghosted, trust_remote_code=True)
+
+
+# item 11: loose checks of the loader ----------------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("loader", ["ghostsolve", "remote code"])
+def test_an_operator_holding_nan_or_inf_is_refused(tmp_path, ghosted, loader, value):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(ghosted, tmp_path / "damaged")
+    weights = load_file(folder / "model.safetensors")
+    (key,) = [k for k in weights if k.endswith("ghost.delta")]
+    weights[key][0, :3] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GhostsolveError, match=r"ghost operator of model\.layers\.\d+ holds 3 NaN/Inf value"):
+        if loader == "ghostsolve":
+            ghostsolve.load(folder)
+        else:
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal when no GPU is visible")
+def test_loading_onto_an_absent_gpu_is_a_clear_error(source):
+    with pytest.raises(GhostsolveError, match=r"device='cuda' was asked but 0 CUDA device\(s\) are visible"):
+        ghostsolve.load(source, device="cuda")
