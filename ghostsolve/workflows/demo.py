@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "demo",
     "demo_methods",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo_model"
 DEFAULT_DEMO_OUT = "ghostsolve-demo-out"
@@ -129,6 +132,8 @@ def demo(
                "calibration": _describe(calibration, calib), "evaluation": _describe(evaluation, evalw)},
     )  # fmt: skip
     result.saved = DEMO_SAVED_METHOD
+    for text in result.warnings():
+        logger.warning("%s", text)
     run_on_main(_write_demo_folder, result, Path(out), overwrite, tokenizer, start)
     return result
 

@@ -273,12 +273,15 @@ def prune(
     if out is not None and kept is not None:
         clock.timed("save", run_on_main, save, kept, out, overwrite=overwrite, tokenizer=tokenizer,
                     original_model=name, extra={"provenance": origin})  # fmt: skip
-    return PruneResult(
+    result = PruneResult(
         model=name, removed=sorted(drop), seq_len=int(evaluation.shape[1]) if evaluation is not None else 0,
         dense_perplexity=None if dense is None else dense.perplexity, methods=results,
         saved=save_method if out is not None else None, recovery=kept, selection=selection,
         timings=clock.summary(), extra={**dict(extra or {}), "provenance": origin},
     )  # fmt: skip
+    for text in result.warnings():
+        logger.warning("%s", text)
+    return result
 
 
 def _recover_and_evaluate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -36,3 +38,50 @@ def test_save_refuses_to_replace_the_directory_the_model_came_from(tmp_path):
     with pytest.raises(GhostsolveError, match="is the input"):
         ghostsolve.save(model, source, overwrite=True)
     assert _tree(source) == before
+
+
+# item 12 ------------------------------------------------------------------------------------------------
+def _result(ghost: float, identity: float, saved: str = "ghost"):
+    from ghostsolve.workflows.results import MethodResult, PruneResult
+
+    methods = {"ghost": MethodResult(ghost, 0.5, 0.1), "identity": MethodResult(identity, 1.0, 0.0),
+               "scalar": MethodResult(identity - 1.0, 0.9, 0.0)}  # fmt: skip
+    return PruneResult("m", [1], 16, 10.0, methods, saved=saved)
+
+
+def test_a_saved_method_worse_than_plain_pruning_is_flagged_in_the_table_and_the_report():
+    result = _result(ghost=30.0, identity=20.0)
+    table = result.format_table()
+    assert "warning: the saved method ghost has a worse held-out perplexity (30) than plain pruning " in table
+    assert "(identity, 20)" in table and "save scalar instead" in table
+    (warning,) = result.to_report()["warnings"]
+    assert "ghost" in warning and "identity" in warning
+
+
+@pytest.mark.parametrize(("ghost", "identity", "saved"), [(15.0, 20.0, "ghost"), (20.0, 20.0, "ghost"),
+                                                          (30.0, 20.0, "identity"), (30.0, 20.0, None)])
+def test_no_warning_when_the_saved_method_does_not_lose(ghost, identity, saved):
+    result = _result(ghost=ghost, identity=identity, saved=saved)
+    assert result.warnings() == [] and "warning" not in result.format_table()
+    assert result.to_report()["warnings"] == []
+
+
+def test_the_prune_workflow_says_so_when_it_saves(tmp_path, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from tests.model_factories import tiny_model
+
+    prune_module = importlib.import_module("ghostsolve.workflows.prune")  # the module, not the function
+
+    levels = {"dense": 10.0, "ghost": 30.0, "identity": 20.0}
+    monkeypatch.setattr(prune_module, "_evaluate",
+                        lambda _m, _w, _b, _p, desc: SimpleNamespace(perplexity=levels[desc]))  # fmt: skip
+    model = tiny_model("llama", num_layers=4)
+    with caplog.at_level(logging.WARNING, logger="ghostsolve"):
+        result = ghostsolve.prune(model, calibration=WINDOWS, evaluation=WINDOWS, drop=[1],
+                                  methods=["ghost", "identity"], out=tmp_path / "o",
+                                  progress=False)  # fmt: skip
+    assert result.saved == "ghost" and (tmp_path / "o").is_dir()
+    assert "the saved method ghost has a worse held-out perplexity (30)" in caplog.text
+    assert result.to_report()["warnings"] == result.warnings() != []
