@@ -39,15 +39,15 @@ try:  # inside the ghostsolve package
     if not (__package__ or "").startswith("ghostsolve."):
         raise ImportError
     from ghostsolve.pipeline.model import operators as _operators
-    from ghostsolve.pipeline.model.operators import _Error, apply_ghost_entries, check_exact_load, ghost_of
+    from ghostsolve.pipeline.model.operators import apply_ghost_entries, check_exact_load, ghost_of
 except ImportError:  # the remote code of a checkpoint: the operators shipped beside this file
     from . import ghostsolve_operators as _operators  # type: ignore[no-redef]
-    from .ghostsolve_operators import (  # type: ignore[no-redef]
-        _Error,
-        apply_ghost_entries,
-        check_exact_load,
-        ghost_of,
-    )
+    from .ghostsolve_operators import apply_ghost_entries, check_exact_load, ghost_of  # type: ignore[no-redef]
+
+try:  # ghostsolve installed (also when this file runs as a checkpoint's remote code): its error class
+    from ghostsolve.errors import GhostsolveError as _Error
+except ImportError:  # without ghostsolve: its base class
+    _Error = ValueError  # type: ignore[assignment, misc]
 
 __all__ = [
     "FORMAT_VERSION",
