@@ -693,11 +693,19 @@ def check_finite(X: torch.Tensor, Y: torch.Tensor) -> None:
     idx = torch.nonzero(bad).flatten()
     first = int(idx[0])
     which = "X" if not bool(torch.isfinite(X[first]).all()) else "Y"
+    dtype = (X if which == "X" else Y).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        cause = ("fp16/bf16 overflow in the calibration pass? Capture the hidden states in fp32 (or upcast "
+                 "bf16→fp32 before the residual add), or drop the rows")  # fmt: skip
+    else:
+        # A wider capture cannot help: the values were already this wide when they went wrong.
+        cause = (f"the rows are already {str(dtype).removeprefix('torch.')}, so this is not a low-precision "
+                 "overflow of the capture: the model itself produces NaN/Inf there (NaN/Inf weights, e.g. a "
+                 "damaged or fp16-overflowed checkpoint, or activations beyond the float32 range); check the "
+                 "weights, or drop the rows")  # fmt: skip
     raise NonFiniteInputError(
         f"non-finite values (NaN/Inf) in {int(idx.numel())} of {X.shape[0]} rows of this chunk; "
-        f"first bad row {first} (in {which}, dtype {X.dtype}). fp16/bf16 overflow in the calibration pass? "
-        "Capture the hidden states in fp32 (or upcast bf16→fp32 before the residual add), "
-        "or drop the rows",
+        f"first bad row {first} (in {which}, dtype {dtype}). {cause}",
         bad_rows=int(idx.numel()),
         n_rows=int(X.shape[0]),
         first_row=first,

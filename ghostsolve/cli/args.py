@@ -7,6 +7,7 @@ says what was wrong in the user's own terms (flag names, not parameter names).
 from __future__ import annotations
 
 import argparse
+import collections
 from typing import Any
 
 from ghostsolve.errors import GhostsolveError
@@ -45,6 +46,11 @@ def parse_layers(spec: str) -> list[int]:
             raise GhostsolveError(
                 f"cannot read layer list {spec!r}: {part!r} is neither an integer nor a range like 5-7"
             )
+        if any(b > _MAX_LAYER for b in bounds):
+            raise GhostsolveError(
+                f"layer list {spec!r}: {part!r} names a layer above {_MAX_LAYER}; no model has that many "
+                "layers (a typo?)"
+            )
         if dash:
             lo, hi = bounds
             if lo > hi:
@@ -56,17 +62,22 @@ def parse_layers(spec: str) -> list[int]:
             layers.append(bounds[0])
     if not layers:
         raise GhostsolveError(f"layer list {spec!r} is empty; give indices such as 5-7 or 3,9")
-    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+    counts = collections.Counter(layers)
+    duplicates = sorted(i for i, n in counts.items() if n > 1)
     if duplicates:
         raise GhostsolveError(f"layer list {spec!r} names layers {duplicates} more than once")
     return layers
 
 
+# Far above any decoder's depth, and small enough that a typo like 0-99999999999 cannot build a huge list.
+_MAX_LAYER = 100_000
+
+
 def _ints(*texts: str) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(t) for t in texts)
-    except ValueError:
+    """Non-negative decimal integers, or None (``int()`` alone would also take ``+3``, ``1_0``, ``٣``)."""
+    if not all(t.strip().isascii() and t.strip().isdigit() for t in texts):
         return None
+    return tuple(int(t) for t in texts)
 
 
 def methods_of(spec: str) -> list[str]:

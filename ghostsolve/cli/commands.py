@@ -50,16 +50,19 @@ def _check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
     """Fail before any work if a file or directory the command will write cannot be written.
 
     Covers ``--report`` and ``--plot`` (their folder must exist) and, when given, the ``--out`` directory
-    (refused if it exists without ``--overwrite``): a typo should not cost a whole run.
+    (refused if it exists without ``--overwrite``, or if it is, contains or lies inside the input model or a
+    text file): a typo should not cost a whole run, nor ``--out MODEL --overwrite`` the model.
     """
-    from ghostsolve.pipeline.io.atomic import check_destination, refuse_existing
+    from ghostsolve.pipeline.io.atomic import check_destination, refuse_existing, refuse_overlap
 
+    inputs = [getattr(args, "model", None), *_files(args)]
     for label in ("report", "plot"):
         path = getattr(args, label, None)
         if path:
             check_destination(path, what=f"the {label}")
+            refuse_overlap(path, inputs)
     if out is not None:
-        refuse_existing(out.absolute(), bool(getattr(args, "overwrite", False)))
+        refuse_existing(out.absolute(), bool(getattr(args, "overwrite", False)), inputs=inputs)
 
 
 def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -180,7 +183,7 @@ def prune(args: argparse.Namespace) -> int:
     drop = drop_of(args)
     check_request(model, methods=methods, drop=drop, select=None if drop else args.select,
                   num_drop=None if drop else args.num_drop, order=args.order, out=out,
-                  overwrite=args.overwrite)  # fmt: skip
+                  overwrite=args.overwrite, model_name=args.model)  # fmt: skip
     calib, evalw = _windows(args, model, tokenizer, seq_len)
     capture: dict[str, Any] = {}
     if args.layerwise:  # the model stays on the CPU; each layer in turn runs on --device

@@ -83,7 +83,8 @@ def read_texts(paths: str | Path | Sequence[str | Path], *, encoding: str = "utf
         except UnicodeDecodeError as exc:
             raise GhostsolveError(
                 f"text file {str(path)!r} is not valid {encoding} ({exc.reason} at byte {exc.start}); "
-                "convert it to UTF-8 or pass another encoding"
+                "convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8), or from Python pass "
+                "read_texts(..., encoding=...)"
             ) from exc
     text = "\n\n".join(parts)
     if not text.strip():
@@ -164,7 +165,8 @@ def text_windows(
     Raises
     ------
     GhostsolveError
-        If ``seq_len < 2``, ``max_windows < 1``, or the text is too short for one window.
+        If ``seq_len < 2``, ``max_windows < 1``, the text is too short for one window, or the
+        tokenizer turns it into no tokens.
     """
     if seq_len < 2:
         raise GhostsolveError(f"seq_len is {seq_len}; a window needs at least 2 tokens (one to predict)")
@@ -174,6 +176,12 @@ def text_windows(
     ids = tokenize_text(text, tokenizer)
     body = seq_len - 1 if bos_id is not None else seq_len
     n_windows = ids.numel() // body
+    if ids.numel() == 0 and text.strip():
+        raise GhostsolveError(
+            f"the tokenizer turned {len(text)} characters of text into no tokens: its vocabulary is empty or "
+            "it is not this model's tokenizer; check the tokenizer files beside the model (tokenizer.json, "
+            "tokenizer.model)"
+        )
     if n_windows == 0:
         raise GhostsolveError(
             f"the text has {ids.numel()} tokens, fewer than one window of {body} text tokens "
@@ -328,7 +336,8 @@ def sample_windows(
     ------
     GhostsolveError
         If a count is not positive, ``seq_len < 2``, ``temperature <= 0``, ``seq_len`` exceeds the model's
-        maximum positions, or the tokenizer has no start token.
+        maximum positions, or the tokenizer has no start token; or the model gives non-finite logits (a
+        float16 model that overflows).
     """
     if n_sequences < 1 or batch_size < 1:
         raise GhostsolveError(
@@ -364,6 +373,8 @@ def sample_windows(
                     result = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
                     past = getattr(result, cache_arg)
                     logits = result.logits[:, -1, :].float().cpu() / temperature
+                    if not torch.isfinite(logits).all():
+                        raise GhostsolveError(_sampling_overflow(model, tokens.shape[1]))
                     probs = torch.softmax(logits, dim=-1)
                     nxt = torch.multinomial(probs, 1, generator=generator)
                     tokens = torch.cat([tokens, nxt], dim=1)
@@ -373,6 +384,15 @@ def sample_windows(
     finally:
         model.train(was_training)
     return torch.cat(out, dim=0)
+
+
+def _sampling_overflow(model: Any, position: int) -> str:
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (
+        f"sampling text from the model gave non-finite logits at position {position} (the model runs in "
+        f"{dtype} and overflows or holds NaN): load it in float32 (--dtype float32), or give text files "
+        "(--calib-text, --eval-text) instead of sampling"
+    )
 
 
 def count_tokens(batches: Iterable[Batch]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "demo",
     "demo_methods",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo_model"
 DEFAULT_DEMO_OUT = "ghostsolve-demo-out"
@@ -102,7 +105,8 @@ def demo(
             f"the demo model is missing ({folder} has no config.json); reinstall ghostsolve, or run "
             "scripts/train_demo_model.py in a source checkout"
         )
-    refuse_existing(Path(out).absolute(), overwrite)
+    refuse_existing(Path(out).absolute(), overwrite, inputs=(folder, *_files_of(calibration),
+                                                             *_files_of(evaluation)))  # fmt: skip
     methods = list(methods) if methods is not None else demo_methods()
     if DEMO_SAVED_METHOD not in methods:
         raise GhostsolveError(f"the demo saves the {DEMO_SAVED_METHOD!r} model; keep it in the methods")
@@ -128,8 +132,14 @@ def demo(
                "calibration": _describe(calibration, calib), "evaluation": _describe(evaluation, evalw)},
     )  # fmt: skip
     result.saved = DEMO_SAVED_METHOD
+    for text in result.warnings():
+        logger.warning("%s", text)
     run_on_main(_write_demo_folder, result, Path(out), overwrite, tokenizer, start)
     return result
+
+
+def _files_of(source: Any) -> list[str]:
+    return [] if source == "self" else [str(p) for p in source]
 
 
 def _describe(source: Any, windows: Any) -> dict[str, Any]:

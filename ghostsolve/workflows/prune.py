@@ -77,7 +77,7 @@ class _Clock:
 
 def check_request(
     model: nn.Module, *, methods: Sequence[str], drop: Sequence[int] | None, select: str | None,
-    num_drop: int | None, order: str, out: str | Path | None, overwrite: bool,
+    num_drop: int | None, order: str, out: str | Path | None, overwrite: bool, model_name: str | None = None,
 ) -> None:  # fmt: skip
     """Every check that needs no data, so that a bad request fails before any capture or sampling.
 
@@ -86,7 +86,8 @@ def check_request(
     GhostsolveError
         Unknown method, order or strategy; a removal given twice or not at all; an invalid removal set; a
         method that cannot serve the removal set or the architecture; an existing output without
-        ``overwrite``.
+        ``overwrite``; an output that is, contains or lies inside the model's own directory (its
+        ``_name_or_path`` or ``model_name``).
     """
     if not methods:
         raise GhostsolveError("no recovery methods given; give method names such as ghost,identity")
@@ -115,7 +116,8 @@ def check_request(
     for name in methods:
         validate_method(name, adapter, intervals)
     if out is not None:
-        refuse_existing(Path(out).absolute(), overwrite)
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        refuse_existing(Path(out).absolute(), overwrite, inputs=(source, model_name))
 
 
 def select_on_main(
@@ -240,7 +242,7 @@ def prune(
     """
     save_method = save_method or methods[0]
     check_request(model, methods=methods, drop=drop, select=select, num_drop=num_drop, order=order, out=out,
-                  overwrite=overwrite)  # fmt: skip
+                  overwrite=overwrite, model_name=model_name)  # fmt: skip
     make_engine(capture, device=device)  # an unknown capture or a device with hooks fails here
     clock = _Clock()
     batches = batches_from_windows(calibration, batch_size)
@@ -271,12 +273,15 @@ def prune(
     if out is not None and kept is not None:
         clock.timed("save", run_on_main, save, kept, out, overwrite=overwrite, tokenizer=tokenizer,
                     original_model=name, extra={"provenance": origin})  # fmt: skip
-    return PruneResult(
+    result = PruneResult(
         model=name, removed=sorted(drop), seq_len=int(evaluation.shape[1]) if evaluation is not None else 0,
         dense_perplexity=None if dense is None else dense.perplexity, methods=results,
         saved=save_method if out is not None else None, recovery=kept, selection=selection,
         timings=clock.summary(), extra={**dict(extra or {}), "provenance": origin},
     )  # fmt: skip
+    for text in result.warnings():
+        logger.warning("%s", text)
+    return result
 
 
 def _recover_and_evaluate(

@@ -6,9 +6,10 @@ The prune report is a contract that scripts rely on::
      "dense": {"perplexity": float},
      "methods": {NAME: {"perplexity": float, "relative_residual": float | null, "fit_seconds": float,
                         "relative_residuals": {"3-4": float | null, ...}}, ...},
-     "saved": NAME | null, ...}
+     "saved": NAME | null, "warnings": [str, ...], ...}
 
-``NAME`` is the method name as given. More keys may be added, never removed or retyped. Interval keys name
+``NAME`` is the method name as given; ``warnings`` says, for instance, that the saved method lost to plain
+pruning. More keys may be added, never removed or retyped. Interval keys name
 layers as ``--drop`` does (``"3-4"`` is layers 3 and 4); non-finite numbers are ``null`` (the one JSON policy
 of :mod:`ghostsolve.pipeline.io.jsonio`).
 """
@@ -175,6 +176,22 @@ class PruneResult:
         dense, pruned, recovered = (float(v) for v in values)  # type: ignore[arg-type]
         return (pruned - recovered) / (pruned - dense) if pruned > dense else None
 
+    def warnings(self) -> list[str]:
+        """What the table and the report must not leave unsaid: the saved method's held-out perplexity is
+        worse than plain pruning's (``identity``), i.e. the recovery made the model worse."""
+        plain, saved = self.methods.get(PLAIN_PRUNED), self.methods.get(self.saved or "")
+        if self.saved in (None, PLAIN_PRUNED) or plain is None or saved is None:
+            return []
+        if plain.perplexity is None or saved.perplexity is None or not saved.perplexity > plain.perplexity:
+            return []
+        better = min((m.perplexity, n) for n, m in self.methods.items() if m.perplexity is not None)[1]
+        return [
+            f"the saved method {self.saved} has a worse held-out perplexity ({saved.perplexity:.4g}) than "
+            f"plain pruning ({PLAIN_PRUNED}, {plain.perplexity:.4g}): its recovery made the model worse on "
+            f"the evaluation windows; save {better} instead (list it first in --recover), or try a ridge "
+            "(--ridge), more calibration data, or calibration text closer to the evaluation text"
+        ]
+
     def format_table(self) -> str:
         """A fixed-width table: dense, then each method (the saved one marked ``*``) with its perplexity, its
         ratio to dense, the share of plain pruning's loss it wins back, its boundary residual and fit time."""
@@ -195,6 +212,7 @@ class PruneResult:
                *_table(header, rows)]  # fmt: skip
         if self.saved:
             out.append(f"* saved: {self.saved}")
+        out.extend(f"warning: {text}" for text in self.warnings())
         out.append(
             "loss recovered: (plain pruned - method) / (plain pruned - dense) perplexity; rel. residual: "
             "boundary residual ||XW - Y||² left on the calibration tokens, relative to plain pruning's "
@@ -219,6 +237,7 @@ class PruneResult:
                         for name, m in self.methods.items()},
             "saved": self.saved,
             "timings": dict(self.timings),
+            "warnings": self.warnings(),
         }
         if self.selection is not None:
             report["selection"] = self.selection.to_report()

@@ -34,7 +34,7 @@ from torch import nn
 
 from ghostsolve.adapters import ModelAdapter, get_adapter
 from ghostsolve.errors import GhostsolveError
-from ghostsolve.pipeline.io.atomic import atomic_directory, refuse_existing
+from ghostsolve.pipeline.io.atomic import atomic_directory, recover_interrupted, refuse_existing
 from ghostsolve.pipeline.io.jsonio import interval_label, to_json
 from ghostsolve.pipeline.model.ghosted import (
     FORMAT_VERSION,
@@ -184,7 +184,8 @@ def save(
     Raises
     ------
     GhostsolveError
-        If ``out_dir`` exists and ``overwrite`` is false, or the model is of a family without an adapter.
+        If ``out_dir`` exists and ``overwrite`` is false, or is, contains or lies inside the directory the
+        model was loaded from (its ``_name_or_path``), or the model is of a family without an adapter.
         Nothing is left behind on failure.
     """
     candidate = recovery_or_model.model if _is_recovery(recovery_or_model) else recovery_or_model
@@ -194,7 +195,7 @@ def save(
         )
     model: Any = candidate
     out = Path(out_dir)
-    refuse_existing(out.absolute(), overwrite)
+    refuse_existing(out.absolute(), overwrite, inputs=(getattr(model.config, "_name_or_path", None),))
     adapter = get_adapter(model)
     section = _section(recovery_or_model, model, original_model, extra, adapter)
     if section["checkpoint_kind"] == "ghosted":
@@ -202,7 +203,7 @@ def save(
     previous = getattr(model.config, SECTION, None)
     setattr(model.config, SECTION, section)
     try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
+        with atomic_directory(out, overwrite=overwrite, what="the checkpoint") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -235,6 +236,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any] | None:
 
 def _read_config(path: str | Path) -> dict[str, Any] | None:
     local = Path(path)
+    if not local.exists():
+        recover_interrupted(local)  # a checkpoint whose --overwrite swap was killed midway
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
@@ -264,6 +267,21 @@ def _read_config(path: str | Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         raise GhostsolveError(f"{str(config_file)!r} is not valid JSON ({exc})") from exc
     return data if isinstance(data, dict) else None
+
+
+def _is_load_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the files could not be read (rather than a bug): I/O, format, or safetensors."""
+    return isinstance(exc, (OSError, RuntimeError, ValueError)) or type(exc).__name__ == "SafetensorError"
+
+
+def _load_reason(exc: BaseException) -> str:
+    reason = _first_line(exc)
+    if type(exc).__name__ == "SafetensorError":
+        # safetensors validates the header and the byte ranges before reading: a truncated or overwritten
+        # file ends here.
+        reason = (f"its weights file is truncated or corrupt ({reason}); copy or download the checkpoint "
+                  "again, or re-save it")  # fmt: skip
+    return reason
 
 
 def _check_loading_info(info: Mapping[str, Any], path: str | Path) -> None:
@@ -316,8 +334,13 @@ def load(
     GhostsolveError
         If the path holds no model, or the weights do not match the architecture exactly (a missing,
         unexpected or mis-shaped tensor: e.g. a ghost operator's weight missing) — never a silent load of the
-        unrecovered model.
+        unrecovered model; a ghost operator holding NaN/Inf; a weights file that is truncated or corrupt; a
+        ``device`` that is not available.
     """
+    if device is not None:
+        from ghostsolve.pipeline.model.devices import resolve_device
+
+        device = resolve_device(device)  # an unavailable device fails before the model is read
     raw = _read_config(path)
     section = raw.get(SECTION) if raw is not None else None
     load_kwargs: dict[str, Any] = {**kwargs, "dtype": dtype if dtype is not None else "auto"}
@@ -344,8 +367,10 @@ def _load_plain(path: str | Path, load_kwargs: dict[str, Any]) -> nn.Module:
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load_kwargs)
         model, info = loaded
-    except (OSError, ValueError) as exc:
-        raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if not _is_load_failure(exc):
+            raise
+        raise GhostsolveError(f"cannot load a causal LM from {str(path)!r}: {_load_reason(exc)}") from exc
     _check_loading_info(info, path)
     return model  # type: ignore[no-any-return]
 
@@ -389,9 +414,30 @@ def _ghosted_config(path: str | Path, raw: dict[str, Any], section: Mapping[str,
             f"{adapter.family} layout is {layout}; refusing a layout that does not match the architecture"
         )
     ghosts = section.get("ghosts") or []
+    _check_ghost_facts(path, ghosts, adapter)
     config = ghosted_config_class(type(base_config))(**fields)
     setattr(config, SECTION, {**section, "layout": layout, "ghosts": ghosts})
     return config, ghosted_model_class(base_cls)
+
+
+def _check_ghost_facts(path: str | Path, ghosts: Any, adapter: ModelAdapter) -> None:
+    """The ghost entries of ``config.json`` must state the adapter's own facts about a layer's arguments."""
+    if not isinstance(ghosts, list):
+        raise GhostsolveError(
+            f"checkpoint {str(path)!r} has a damaged ghostsolve section (ghosts is not a list)"
+        )
+    facts = {"hidden_states_kwarg": adapter.hidden_states_kwarg,
+             "hidden_states_arg_position": adapter.hidden_states_arg_position}  # fmt: skip
+    for entry in ghosts:
+        if not isinstance(entry, Mapping) or entry.get("kind") != "layer":
+            continue
+        stated = {key: entry.get(key, value) for key, value in facts.items()}
+        if stated != facts:
+            raise GhostsolveError(
+                f"checkpoint {str(path)!r} says its ghosted layers take their hidden states as {stated}, but "
+                f"the {adapter.family} layers take them as {facts}; refusing a config.json that does not "
+                "match the architecture"
+            )
 
 
 def _load_ghosted(
@@ -406,11 +452,11 @@ def _load_ghosted(
             # transformers would undo the renaming when this model is saved again: it is to stay, so that a
             # re-save writes the current format.
             model._weight_conversions = None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if isinstance(exc, GhostsolveError):
+    except Exception as exc:
+        if isinstance(exc, GhostsolveError) or not _is_load_failure(exc):
             raise
         raise GhostsolveError(
-            f"cannot load the ghosted checkpoint {str(path)!r}: {_first_line(exc)}"
+            f"cannot load the ghosted checkpoint {str(path)!r}: {_load_reason(exc)}"
         ) from exc
     return model  # type: ignore[no-any-return]
 

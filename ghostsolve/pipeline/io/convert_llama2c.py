@@ -539,7 +539,7 @@ def convert_llama2c(
         :func:`read_llama2c_checkpoint`, :func:`read_llama2c_tokenizer`).
     """
     out = Path(out_dir)
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, inputs=(checkpoint, tokenizer))
     model, hf_tok = load_llama2c(checkpoint, tokenizer)
     model.config.architectures = ["LlamaForCausalLM"]
     from transformers import GenerationConfig

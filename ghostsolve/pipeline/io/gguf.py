@@ -600,7 +600,7 @@ def convert_gguf(
     In float32 the converted directory's logits are bit-identical to :func:`load_gguf`'s (tested).
     """
     out = Path(out_dir)
-    refuse_existing(out.absolute(), overwrite)
+    refuse_existing(out.absolute(), overwrite, inputs=(path,))
     model, tokenizer = load_gguf(path, dtype=dtype)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

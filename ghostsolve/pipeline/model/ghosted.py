@@ -26,6 +26,7 @@ architectures lives here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,12 +44,18 @@ except ImportError:  # the remote code of a checkpoint: the operators shipped be
     from . import ghostsolve_operators as _operators  # type: ignore[no-redef]
     from .ghostsolve_operators import apply_ghost_entries, check_exact_load, ghost_of  # type: ignore[no-redef]
 
+try:  # ghostsolve installed (also when this file runs as a checkpoint's remote code): its error class
+    from ghostsolve.errors import GhostsolveError as _Error
+except ImportError:  # without ghostsolve: its base class
+    _Error = ValueError  # type: ignore[assignment, misc]
+
 __all__ = [
     "FORMAT_VERSION",
     "MODELING_FILE",
     "MODEL_TYPE_PREFIX",
     "OPERATORS_FILE",
     "SECTION",
+    "check_layout",
     "ghost_entries",
     "ghosted_config_class",
     "ghosted_model_class",
@@ -110,6 +117,83 @@ def _section(config: Any) -> dict[str, Any]:
     return dict(section)
 
 
+# A path component of the layout: an attribute name that cannot be private or special, or a list index.
+_PART = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*|[0-9]+)$")
+_MAX_ARG_POSITION = 16
+
+
+def _plain_path(path: Any, what: str) -> str:
+    if not isinstance(path, str) or not all(_PART.match(p) for p in path.split(".")):
+        raise _Error(
+            f"the checkpoint's {what} {path!r} is not a dotted path of plain attribute names and indices; "
+            "the config.json was altered — re-save it with ghostsolve"
+        )
+    return path
+
+
+def check_layout(model: nn.Module, section: Mapping[str, Any]) -> tuple[str, str]:
+    """The ``(layers_path, final_norm_path)`` of a checkpoint, checked against what ``model`` is built of.
+
+    The layout and the ghost entries come from ``config.json``: before anything follows them, every path
+    must be plain dotted names (no private or special attributes), the layers path must reach — through
+    registered submodules only — a ``ModuleList`` of ``config.num_hidden_layers`` decoder layers, the final
+    norm path a module outside it holding only 1-D parameters (a norm's weight and bias, not an embedding or
+    the head), and each entry's hidden-states keyword and position must be a plain name and a small index.
+
+    Raises
+    ------
+    ValueError (GhostsolveError inside ghostsolve)
+        For anything else.
+    """
+    layout = section.get("layout")
+    if not isinstance(layout, Mapping):
+        raise _Error("the checkpoint's ghostsolve section has no layout; re-save it with ghostsolve")
+    layers_path = _plain_path(layout.get("layers_path"), "layers path")
+    norm_path = _plain_path(layout.get("final_norm_path"), "final norm path")
+    try:
+        layers, norm = model.get_submodule(layers_path), model.get_submodule(norm_path)
+    except AttributeError as exc:
+        raise _Error(f"the checkpoint's layout names no submodule of this model ({exc})") from None
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != expected:
+        raise _Error(
+            f"the checkpoint's layers path {layers_path!r} is a {type(layers).__name__}, not the model's "
+            f"list of {expected} decoder layers"
+        )
+    inside = norm_path == layers_path or norm_path.startswith(layers_path + ".")
+    params = list(norm.parameters())
+    if inside or list(norm.children()) or not params or any(p.ndim != 1 for p in params):
+        raise _Error(f"the checkpoint's final norm path {norm_path!r} does not name the model's final norm")
+    for entry in section.get("ghosts") or []:
+        if not isinstance(entry, Mapping):
+            raise _Error(f"a ghost entry must be a mapping, got {type(entry).__name__}")
+        if entry.get("kind") != "layer":
+            continue
+        key = entry.get("hidden_states_kwarg", "hidden_states")
+        pos = entry.get("hidden_states_arg_position", 0)
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise _Error(f"ghost entry hidden_states_kwarg {key!r} is not a plain argument name")
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < _MAX_ARG_POSITION:
+            raise _Error(f"ghost entry hidden_states_arg_position {pos!r} is not an index below "
+                         f"{_MAX_ARG_POSITION}")  # fmt: skip
+    return layers_path, norm_path
+
+
+def _check_finite_ghosts(model: nn.Module, where: str) -> None:
+    """Refuse operators holding NaN/Inf: they would turn every hidden state they touch into NaN."""
+    for name, module in model.named_modules():
+        ghost = ghost_of(module)
+        if ghost is None or ghost.delta.device.type == "meta":
+            continue
+        bad = int((~ghost.delta.isfinite()).sum())
+        if bad:
+            raise _Error(
+                f"checkpoint {where!r}: the ghost operator of {name} holds {bad} NaN/Inf value(s) of "
+                f"{ghost.delta.numel()}; the weights file is damaged — copy the checkpoint again or re-save "
+                "it"
+            )
+
+
 class _GhostedModel:
     """Behaviour shared by every ``Ghostsolve<Base>ForCausalLM`` (mixed in before the base class)."""
 
@@ -118,10 +202,10 @@ class _GhostedModel:
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         section = _section(config)
-        layout = section["layout"]
         model: Any = self
-        apply_ghost_entries(model, section.get("ghosts") or [], layers_path=str(layout["layers_path"]),
-                            final_norm_path=str(layout["final_norm_path"]))  # fmt: skip
+        layers_path, norm_path = check_layout(model, section)
+        apply_ghost_entries(model, section.get("ghosts") or [], layers_path=layers_path,
+                            final_norm_path=norm_path)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -129,7 +213,9 @@ class _GhostedModel:
         # value, i.e. silently give the unrecovered model: refuse instead.
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)  # type: ignore[misc]
-        check_exact_load(info, str(args[0]) if args else "checkpoint")
+        where = str(args[0]) if args else "checkpoint"
+        check_exact_load(info, where)
+        _check_finite_ghosts(model, where)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:

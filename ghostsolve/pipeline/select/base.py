@@ -125,6 +125,9 @@ class Strategy:
         Where the rule was published.
     run : callable
         ``run(ctx, num_drop, **options) -> (scores, selected, details)``.
+    infinite_ok : bool
+        Whether ``+inf`` is a meaningful score (a perplexity that overflows: that removal breaks the model and
+        ranks last). NaN is never a score.
     """
 
     name: str
@@ -134,6 +137,7 @@ class Strategy:
     options: tuple[str, ...]
     reference: str
     run: Callable[..., RuleResult]
+    infinite_ok: bool = False
 
 
 def argsort(scores: Sequence[float], *, descending: bool = False) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -39,22 +40,55 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
         Strategy("streamline", "block", "mean cos(h_l, h_l+n)", "highest", ("skip_first_token",),
                  "LLM-Streamline (Chen et al., 2024)", run_streamline),
         Strategy("sleb", "layer", "calibration perplexity, layer removed (round 1)", "lowest", (),
-                 "SLEB (Song et al., 2024)", run_sleb),
+                 "SLEB (Song et al., 2024)", run_sleb, infinite_ok=True),
         Strategy("ppl", "layer", "calibration perplexity, layer removed alone", "lowest", (),
-                 "Shortened LLaMA, PPL (Kim et al., 2024)", run_ppl),
+                 "Shortened LLaMA, PPL (Kim et al., 2024)", run_ppl, infinite_ok=True),
         Strategy("taylor", "layer", "Taylor importance sum |w * dL/dw|", "lowest",
                  ("keep_first", "keep_last"), "Shortened LLaMA, Taylor+ (Kim et al., 2024)", run_taylor),
         Strategy("recoverable", "block", "ghost-fit residual / stream energy", "lowest", _RECOVERABLE_OPTIONS,
                  "ghostsolve", run_recoverable),
         Strategy("recoverable-ppl", "block", "calibration perplexity after ghost recovery", "lowest",
-                 ("top_k", *_RECOVERABLE_OPTIONS), "ghostsolve", run_recoverable_ppl),
+                 ("top_k", *_RECOVERABLE_OPTIONS), "ghostsolve", run_recoverable_ppl, infinite_ok=True),
         Strategy("recoverable-greedy", "layer", "calibration perplexity after ghost recovery (round 1)",
                  "lowest", ("skip_first_token", "ridge"),
                  "ghostsolve (SLEB's greedy search, each candidate ghost-recovered)",
-                 run_recoverable_greedy),
+                 run_recoverable_greedy, infinite_ok=True),
     )
 })  # fmt: skip
 """Selection rules by name; see :mod:`ghostsolve.pipeline.select` for each score."""
+
+
+def _check_scores(model: nn.Module, spec: Strategy, num_drop: int, scores: list[float],
+                  details: Mapping[str, Any]) -> None:  # fmt: skip
+    """Refuse a ranking built on NaN (or, where infinity means nothing, infinite) scores.
+
+    A NaN score compares false with everything, so the ranking would silently follow the order of the
+    finite ones: typically fp16 hidden states that overflowed inside a layer. A rule that scores only a
+    ``shortlist`` (recoverable-ppl: NaN marks the blocks it did not re-rank) is checked on the shortlist and
+    on the ``relative_residuals`` it shortlisted from.
+    """
+    shortlist = details.get("shortlist")
+    checked = sorted(shortlist) if isinstance(shortlist, list) else range(len(scores))
+    bad = [i for i in checked if math.isnan(scores[i]) or (math.isinf(scores[i]) and not spec.infinite_ok)]
+    residuals = details.get("relative_residuals")
+    if isinstance(residuals, list):
+        bad = sorted({*bad, *(i for i, r in enumerate(residuals) if not math.isfinite(float(r)))})
+        shown = zip(residuals, scores, strict=True)
+        scores = [float(r) if not math.isfinite(float(r)) else s for r, s in shown]
+    if not bad:
+        return
+    first = bad[0]
+    where = "layer" if spec.unit == "layer" else "block starting at layer"
+    span = str(first)
+    if spec.unit == "block" and num_drop > 1:
+        span += f" ({first}-{first + num_drop - 1})"
+    dtype = next((p.dtype for p in model.parameters()), None)
+    name = "the model's dtype" if dtype is None else str(dtype).removeprefix("torch.")
+    raise GhostsolveError(
+        f"strategy {spec.name!r} gave {len(bad)} non-finite score(s) (first: {where} {span}, "
+        f"{scores[first]}); the hidden states overflow or hold NaN there (in {name}), so no layer can be "
+        "ranked: load the model in float32 (--dtype float32), or check that layer's weights"
+    )
 
 
 def select_layers(
@@ -134,6 +168,7 @@ def select_layers(
     if "max_stats_bytes" in options:
         ctx.max_stats_bytes = int(options["max_stats_bytes"])
     scores, selected, details = spec.run(ctx, num_drop, **options)
+    _check_scores(model, spec, num_drop, [float(s) for s in scores], details)
     if len(set(selected)) != num_drop:  # a broken rule must not silently remove fewer layers
         raise AssertionError(f"strategy {strategy!r} selected {selected} for num_drop={num_drop}")
     logger.info("%s selects layers %s", strategy, selected)

@@ -183,14 +183,14 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, ghost_recovery, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(type(model), "save_pretrained", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(GhostsolveError, match="disk full"):
         save(ghost_recovery, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
     # With overwrite, the previous checkpoint survives a failed save untouched.
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text("{}")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(GhostsolveError, match="disk full"):
         save(ghost_recovery, old, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert (old / "config.json").read_text() == "{}"

@@ -319,7 +319,7 @@ def test_a_failed_conversion_leaves_nothing(
         raise OSError("disk full")
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(GhostsolveError, match="disk full"):
         convert_gguf(f32_file, parent / "out")
     assert list(parent.iterdir()) == []  # neither the output nor a temporary directory
 
