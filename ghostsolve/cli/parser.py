@@ -296,19 +296,8 @@ def _add_selection_commands(subparsers: Any, prune_parser: argparse.ArgumentPars
     sel.set_defaults(func=commands.select)
 
 
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ghostsolve`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="ghostsolve",
-        description="Remove decoder layers from a causal language model and recover it with closed-form "
-        "linear operators fitted on a small calibration set.",
-        epilog="Start with `ghostsolve demo`: it runs the whole job on a bundled model in about a minute.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-
+def _add_prune(sub: Any) -> tuple[argparse.ArgumentParser, Any]:
+    """The ``prune`` subcommand."""
     prune = sub.add_parser(
         "prune",
         help="remove layers, fit recoveries, evaluate each, save the first",
@@ -351,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading(prune)
     _add_runtime(prune)
     prune.set_defaults(func=commands.prune)
+    return prune, drop_group
 
+
+def _add_eval(sub: Any) -> None:
+    """The ``eval`` subcommand."""
     ev = sub.add_parser(
         "eval",
         help="perplexity (and lm-eval tasks) of a model or checkpoint",
@@ -378,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(ev)
     ev.set_defaults(func=commands.evaluate, calib_text=None)
 
+
+def _add_diagnose(sub: Any) -> None:
+    """The ``diagnose`` subcommand."""
     diag = sub.add_parser(
         "diagnose",
         help="conditioning and fp32/fp64 solver stability per removed boundary",
@@ -408,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(diag)
     diag.set_defaults(func=commands.diagnose)
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` subcommand."""
     demo = sub.add_parser(
         "demo",
         help="the whole job on the bundled demo model (about a minute on 2 CPU cores)",
@@ -468,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(demo, batch_size=None, threads=1)
     demo.set_defaults(func=commands.demo)
 
+
+def _add_convert_gguf(sub: Any) -> None:
+    """The ``convert-gguf`` subcommand."""
     gguf = sub.add_parser(
         "convert-gguf",
         help="convert a GGUF file to a Hugging Face directory (safetensors, tokenizer): no gguf needed then",
@@ -485,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     gguf.set_defaults(func=commands.convert_gguf)
 
+
+def _add_convert_llama2c(sub: Any) -> None:
+    """The ``convert-llama2c`` subcommand."""
     conv = sub.add_parser(
         "convert-llama2c",
         help="convert a llama2.c checkpoint and tokenizer to a Hugging Face Llama directory",
@@ -499,10 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     conv.set_defaults(func=commands.convert_llama2c)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ghostsolve`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="ghostsolve",
+        description="Remove decoder layers from a causal language model and recover it with closed-form "
+        "linear operators fitted on a small calibration set.",
+        epilog="Start with `ghostsolve demo`: it runs the whole job on a bundled model in about a minute.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    prune, drop_group = _add_prune(sub)
+    _add_eval(sub)
+    _add_diagnose(sub)
+    _add_demo(sub)
+    _add_convert_gguf(sub)
+    _add_convert_llama2c(sub)
     _add_selection_commands(sub, prune, drop_group)
     return parser
-
-
 
 
 def version() -> str:
@@ -512,5 +533,3 @@ def version() -> str:
         return version("ghostsolve")
     except PackageNotFoundError:
         return "unknown"
-
-

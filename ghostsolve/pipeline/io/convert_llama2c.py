@@ -183,6 +183,29 @@ def read_llama2c_checkpoint(checkpoint: Path | str) -> tuple[Llama2cConfig, dict
     if not path.is_file():
         raise GhostsolveError(f"llama2.c checkpoint {path} does not exist or is not a file")
     raw = path.read_bytes()
+    cfg, offset = _read_header(raw, path)
+    shapes = _tensor_layout(cfg)
+    expected = offset + 4 * sum(int(np.prod(s)) for _, s in shapes)
+    if len(raw) != expected:
+        c = cfg
+        header = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len)
+        raise GhostsolveError(
+            f"{path} is {len(raw)} bytes but its header (dim, hidden_dim, n_layers, n_heads, n_kv_heads, "
+            f"vocab_size, seq_len) = {header} (format version {cfg.version}, "
+            f"{'tied' if cfg.shared_classifier else 'untied'} classifier) implies {expected} "
+            "bytes of float32 weights; the file is truncated or not a float32 llama2.c checkpoint"
+        )
+    arrays: dict[str, torch.Tensor] = {}
+    for name, shape in shapes:
+        count = int(np.prod(shape))
+        values_f32 = np.frombuffer(raw, dtype="<f4", count=count, offset=offset)
+        arrays[name] = torch.from_numpy(values_f32.astype(np.float32).reshape(shape))
+        offset += 4 * count
+    return cfg, _hf_state_dict(cfg, arrays)
+
+
+def _read_header(raw: bytes, path: Path) -> tuple[Llama2cConfig, int]:
+    """The checkpoint's config and the byte offset of its first weight."""
     if len(raw) < _V0_HEADER_BYTES:
         raise GhostsolveError(
             f"{path} is {len(raw)} bytes, shorter than a llama2.c header ({_V0_HEADER_BYTES} bytes)"
@@ -208,9 +231,12 @@ def read_llama2c_checkpoint(checkpoint: Path | str) -> tuple[Llama2cConfig, dict
         offset = _V0_HEADER_BYTES
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = values
     cfg = Llama2cConfig(dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len, shared, version)
-    L, V, kv = cfg.n_layers, cfg.vocab_size, cfg.kv_dim
+    return cfg, offset
 
-    shapes: list[tuple[str, tuple[int, ...]]]
+
+def _tensor_layout(cfg: Llama2cConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the stored float32 tensors, in file order (it differs between versions)."""
+    L, V, dim, kv, hidden = cfg.n_layers, cfg.vocab_size, cfg.dim, cfg.kv_dim, cfg.hidden_dim
     blocks = {
         "wq": (L, dim, dim),
         "wk": (L, kv, dim),
@@ -220,39 +246,30 @@ def read_llama2c_checkpoint(checkpoint: Path | str) -> tuple[Llama2cConfig, dict
         "w2": (L, dim, hidden),
         "w3": (L, hidden, dim),
     }
-    if version == 0:
+    shapes: list[tuple[str, tuple[int, ...]]]
+    if cfg.version == 0:
         shapes = [("tok", (V, dim)), ("rms_att", (L, dim))]
         shapes += [(k, blocks[k]) for k in ("wq", "wk", "wv", "wo")]
         shapes += [("rms_ffn", (L, dim))]
         shapes += [(k, blocks[k]) for k in ("w1", "w2", "w3")]
         # Two legacy RoPE tables (cos, sin) that Hugging Face recomputes.
-        shapes += [("norm", (dim,)), ("rope", (2, seq_len, cfg.head_dim // 2))]
+        shapes += [("norm", (dim,)), ("rope", (2, cfg.seq_len, cfg.head_dim // 2))]
     else:
         shapes = [("rms_att", (L, dim)), ("rms_ffn", (L, dim)), ("norm", (dim,)), ("tok", (V, dim))]
         shapes += [(k, blocks[k]) for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
-    if not shared:
+    if not cfg.shared_classifier:
         shapes.append(("cls", (V, dim)))
-    expected = offset + 4 * sum(int(np.prod(s)) for _, s in shapes)
-    if len(raw) != expected:
-        raise GhostsolveError(
-            f"{path} is {len(raw)} bytes but its header (dim, hidden_dim, n_layers, n_heads, n_kv_heads, "
-            f"vocab_size, seq_len) = {values} (format version {version}, "
-            f"{'tied' if shared else 'untied'} classifier) implies {expected} "
-            "bytes of float32 weights; the file is truncated or not a float32 llama2.c checkpoint"
-        )
-    arrays: dict[str, torch.Tensor] = {}
-    for name, shape in shapes:
-        count = int(np.prod(shape))
-        values_f32 = np.frombuffer(raw, dtype="<f4", count=count, offset=offset)
-        arrays[name] = torch.from_numpy(values_f32.astype(np.float32).reshape(shape))
-        offset += 4 * count
+    return shapes
 
+
+def _hf_state_dict(cfg: Llama2cConfig, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The llama2.c tensors under Hugging Face Llama names, q/k rows in the rotate-half order."""
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": arrays["tok"].clone()}
-    for i in range(L):
+    for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = arrays["rms_att"][i].clone()
-        sd[p + "self_attn.q_proj.weight"] = interleaved_to_halves(arrays["wq"][i], n_heads)
-        sd[p + "self_attn.k_proj.weight"] = interleaved_to_halves(arrays["wk"][i], n_kv_heads)
+        sd[p + "self_attn.q_proj.weight"] = interleaved_to_halves(arrays["wq"][i], cfg.n_heads)
+        sd[p + "self_attn.k_proj.weight"] = interleaved_to_halves(arrays["wk"][i], cfg.n_kv_heads)
         sd[p + "self_attn.v_proj.weight"] = arrays["wv"][i].clone()
         sd[p + "self_attn.o_proj.weight"] = arrays["wo"][i].clone()
         sd[p + "post_attention_layernorm.weight"] = arrays["rms_ffn"][i].clone()
@@ -260,9 +277,9 @@ def read_llama2c_checkpoint(checkpoint: Path | str) -> tuple[Llama2cConfig, dict
         sd[p + "mlp.down_proj.weight"] = arrays["w2"][i].clone()
         sd[p + "mlp.up_proj.weight"] = arrays["w3"][i].clone()
     sd["model.norm.weight"] = arrays["norm"].clone()
-    if not shared:
+    if not cfg.shared_classifier:
         sd["lm_head.weight"] = arrays["cls"].clone()
-    return cfg, sd
+    return sd
 
 
 def interleaved_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
