@@ -57,3 +57,23 @@ def test_every_stage_is_timed() -> None:
     assert set(result.timings) >= {"capture", "fit", "evaluation", "total"}
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["total"] >= result.timings["capture"] + result.timings["evaluation"]
+
+
+def test_the_default_ridge_is_cross_validated() -> None:
+    model = tiny_model("llama")
+    fits = {
+        ridge: prune(model, calibration=WINDOWS, drop=[1], methods=["ghost"], ridge=ridge, progress=False)
+        .recovery.fits[(1, 2)]
+        for ridge in (None, "cv")
+    }
+    assert fits[None].ridge == fits["cv"].ridge > 0  # 8 windows of 16 tokens for a 32×32 operator: cv ridges
+    torch.testing.assert_close(fits[None].delta, fits["cv"].delta, rtol=0, atol=0)
+
+
+def test_one_calibration_window_falls_back_to_gcv() -> None:
+    model = tiny_model("llama")
+    one = WINDOWS[:1]
+    default = prune(model, calibration=one, drop=[1], methods=["ghost"], progress=False).recovery.fits[(1, 2)]
+    gcv = prune(model, calibration=one, drop=[1], methods=["ghost"], ridge="gcv", progress=False)
+    assert default.ridge == gcv.recovery.fits[(1, 2)].ridge
+    torch.testing.assert_close(default.delta, gcv.recovery.fits[(1, 2)].delta, rtol=0, atol=0)
