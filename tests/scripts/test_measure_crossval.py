@@ -77,11 +77,14 @@ def test_verdicts_follow_the_paired_differences(mc: ModuleType) -> None:
     rows += [_result("ghost", 32, s, p) for s, p in enumerate([6.0, 6.0, 6.0])]
     rows += [_result("ghost+cv", 32, s, p) for s, p in enumerate([6.5, 6.6, 6.4])]  # clearly worse
     rows += [_result("lowrank", 32, s, p) for s, p in enumerate([5.0, 5.0, 5.0])]
+    rows += [_result("ghost", 16, s, p) for s, p in enumerate([7.0, 8.0, 9.0])]  # seed std 1
+    rows += [_result("ghost+cv", 16, s, p) for s, p in enumerate([7.2, 8.3, 9.1])]  # +0.2 ± 0.1: consistent
     grouped, _ = mc.group(rows)
-    lines = mc.verdicts(grouped["toy"], [4, 32])
+    lines = mc.verdicts(grouped["toy"], [4, 16, 32])
     assert lines[0].startswith("- ghost+cv worse") and " 32 (" in lines[0] and " 4 (" not in lines[0]
     assert lines[1].startswith("- ghost+cv better") and " 4 (" in lines[1] and " 32 (" not in lines[1]
-    assert "32 (best: lowrank" in lines[2] and " 4 (" not in lines[2]
+    assert " 16 (" not in lines[0] + lines[1] and "worse at 16 (+0.20 ± 0.10); better at none" in lines[2]
+    assert "32 (best: lowrank" in lines[3] and " 4 (" not in lines[3]
 
 
 def test_a_rerun_record_replaces_the_older_one(mc: ModuleType) -> None:
