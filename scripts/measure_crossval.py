@@ -76,6 +76,9 @@ VARIANTS: dict[str, Variant] = {
     "lowrank": Variant("lowrank", label="lowrank, rank d/4, ridge 0"),
     "lowrank+cv": Variant("lowrank", "cv", label="lowrank, rank d/4, ridge cv"),
     "lowrank+rank-cv": Variant("lowrank", rank="cv", label="lowrank, rank cv, ridge 0"),
+    "lowrank+cv+rank-cv": Variant(
+        "lowrank", "cv", "cv", label="lowrank, ridge cv, then rank cv at that ridge"
+    ),
 }
 MODELS = ("demo", "stories260K", "smollm2")
 SIZES = (4, 8, 16, 32)
@@ -591,17 +594,19 @@ def render_model(
         "held-out objective.",
         "",
         "| calibration sequences | ghost+cv λ (1-SE) | ghost+cv λ (best) | ghost+gcv λ | lowrank+cv λ | "
-        "lowrank+rank-cv rank (1-SE) | rank (best) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "lowrank+rank-cv rank (1-SE) | rank (best) | lowrank+cv+rank-cv λ, rank |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size in sizes:
+
+        def chosen(variant: str, key: str) -> str:
+            return _chosen(cells.get((size, variant), []), key)  # noqa: B023 (used at once)
+
         lines.append(
-            f"| {size} | {_chosen(cells.get((size, 'ghost+cv'), []), 'ridge')} | "
-            f"{_chosen(cells.get((size, 'ghost+cv'), []), 'ridge_best')} | "
-            f"{_chosen(cells.get((size, 'ghost+gcv'), []), 'ridge')} | "
-            f"{_chosen(cells.get((size, 'lowrank+cv'), []), 'ridge')} | "
-            f"{_chosen(cells.get((size, 'lowrank+rank-cv'), []), 'rank')} | "
-            f"{_chosen(cells.get((size, 'lowrank+rank-cv'), []), 'rank_best')} |"
+            f"| {size} | {chosen('ghost+cv', 'ridge')} | {chosen('ghost+cv', 'ridge_best')} | "
+            f"{chosen('ghost+gcv', 'ridge')} | {chosen('lowrank+cv', 'ridge')} | "
+            f"{chosen('lowrank+rank-cv', 'rank')} | {chosen('lowrank+rank-cv', 'rank_best')} | "
+            f"{chosen('lowrank+cv+rank-cv', 'ridge')}, {chosen('lowrank+cv+rank-cv', 'rank')} |"
         )
     lines += ["", "Fit time (seconds for all intervals, median over seeds; the capture is shared):", ""]
     lines += [
@@ -613,7 +618,7 @@ def render_model(
             statistics.median(r["fit_seconds"] for r in cells[(size, v)]) if (size, v) in cells else math.nan
             for v in variants
         ]
-        lines.append(f"| {size} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
+        lines.append(f"| {size} | " + " | ".join("–" if math.isnan(t) else f"{t:.3f}" for t in times) + " |")
     some = next(iter(cells.values()))[0]
     if "stats_bytes" in some:
         k = some.get("n_folds", 1)
