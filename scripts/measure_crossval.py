@@ -719,7 +719,10 @@ def splice(old: str | None, generated: str, title: str) -> str:
 
 
 TITLE = "# Cross-validated ridge and rank against calibration size"
-COMMAND = "OMP_NUM_THREADS=1 python scripts/measure_crossval.py run --models demo stories260K smollm2"
+COMMAND = (
+    "OMP_NUM_THREADS=1 python scripts/measure_crossval.py run --models demo stories260K smollm2 "
+    "--seeds 0 1 2 --smollm2-seeds 0 1 2"
+)
 
 
 def render(args: argparse.Namespace) -> None:
@@ -745,7 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds (demo, stories260K)"
     )
-    p.add_argument("--smollm2-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--smollm2-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--stop-at", help="HH:MM (UTC): start no new capture after this time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", type=Path, default=DATA)
