@@ -579,7 +579,9 @@ def render_model(
         tokens = {
             int(t) for v in variants for r in cells.get((size, v), []) for t in r.get("calib_tokens", [])
         }
-        row = f"| {size} ({'/'.join(str(t) for t in sorted(tokens))}) | "
+        here = {r["seed"] for v in variants for r in cells.get((size, v), [])}
+        fewer = f"; {len(here)} seed{'s' if len(here) > 1 else ''}" if len(here) < len(seeds) else ""
+        row = f"| {size} ({'/'.join(str(t) for t in sorted(tokens))}{fewer}) | "
         row += " | ".join(
             _cell([r["perplexity"] for r in cells.get((size, v), [])], v == best) for v in variants
         )
