@@ -646,11 +646,12 @@ def plot_model(
     sizes = sorted({s for s, _ in cells})
     fig = new_figure(path, (11.0, 4.2))
     absolute, paired = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for v in VARIANTS:
+    for i, v in enumerate(VARIANTS):
         xs = [s for s in sizes if (s, v) in cells]
         if not xs:
             continue
         style = {
+            "color": f"C{i % 10}",  # one colour per variant in both panels
             "marker": "o",
             "capsize": 3,
             "label": v,
