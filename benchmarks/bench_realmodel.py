@@ -13,8 +13,11 @@ one interval, the block streamline chooses on 32 WikiText-2 windows, see docs/re
 2. **Prefill latency.** The ghost-recovered model against the plainly pruned one (both 23 layers), batch 1,
    256 tokens, no KV cache, paired A B A B over ``GHOSTSOLVE_BENCH_ROUNDS`` (default 11) rounds after a
    warm-up. Target: ghost / pruned − 1 ≤ 3%.
-3. **Peak memory of capture.** The growth of the resident set (``/proc/self/statm``, sampled every 2 ms by a
-   thread) above its level before the call, for the plain forward and for ``recover(ghost)``.
+3. **Peak memory of capture.** In a fresh process each (so no memory freed by an earlier step is reused): the
+   peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the model is loaded) above the
+   resident set before the step, for one plain forward over the calibration windows and for
+   ``recover(..., method="ghost", inplace=True)`` (capture + fit + insertion; in place, so the model copy a
+   default recovery makes is not counted: that copy is the pruned model's size).
 
 Run: ``pytest benchmarks/bench_realmodel.py -s -p no:cacheprovider`` (prints the figures; pytest-benchmark
 keeps them in ``extra_info``). Set ``OMP_NUM_THREADS`` and report the load average.
@@ -25,7 +28,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,9 +70,12 @@ def smollm2() -> tuple[Any, Any]:
 
 @pytest.fixture(scope="module")
 def batches(smollm2: tuple[Any, Any]) -> list[dict[str, torch.Tensor]]:
+    return _windows(*smollm2)
+
+
+def _windows(model: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     from ghostsolve.pipeline.data import batches_from_windows, calibration_windows
 
-    model, tokenizer = smollm2
     text = _protocol().shared_data() / "wikitext-2" / "wiki.valid.tokens"
     if text.exists():
         windows = calibration_windows(model, tokenizer, [text], n_windows=WINDOWS, seq_len=SEQ_LEN, seed=0,
@@ -103,39 +108,42 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> dict[str,
             "rounds": rounds, "load": os.getloadavg()[0]}  # fmt: skip
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-class PeakRSS:
-    """The peak growth of the resident set while the ``with`` block runs, sampled by a thread."""
+def _peak_growth(step: Callable[[], Any]) -> int:
+    """Peak resident bytes of ``step`` above the resident set before it (Linux: VmHWM reset by clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    step()
+    return _status_bytes("VmHWM") - before
 
-    def __init__(self, every: float = 0.002) -> None:
-        self.every = every
-        self.peak = 0
-        self._stop = threading.Event()
 
-    def __enter__(self) -> PeakRSS:
-        self.base = _rss()
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
+def _memory_child(kind: str) -> None:
+    """Run in a subprocess: load the model and the windows, measure one step, print bytes as JSON."""
+    import json
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(self.every)
+    from ghostsolve.pipeline.recover import recover
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
+    sys.path.insert(0, str(REPO / "scripts"))
+    import get_reference_model as script
+    from transformers import AutoTokenizer
 
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
+    from ghostsolve.pipeline.io.checkpoint import load
+
+    torch.set_num_threads(1)
+    found = script.require_reference_model()
+    model = load(found.hf_dir, dtype="float32")
+    data = _windows(model, AutoTokenizer.from_pretrained(found.hf_dir))
+    if kind == "forward":
+        grown = _peak_growth(_forward(model, data))
+    else:
+        grown = _peak_growth(lambda: recover(model, DROP, data, method="ghost", inplace=True, progress=False))
+    print(json.dumps({"kind": kind, "bytes": grown, "rss": _status_bytes("VmRSS")}))
 
 
 def _forward(model: Any, batches: list[dict[str, torch.Tensor]]) -> Callable[[], None]:
@@ -166,15 +174,24 @@ def test_recovery_cost(benchmark: Any, smollm2: tuple[Any, Any], batches: list[d
     out: dict[str, Any] = {}
     out["all"] = benchmark.pedantic(lambda: paired(forward, everything, COST_ROUNDS), rounds=1, iterations=1)
     out["ghost"] = paired(forward, ghost, COST_ROUNDS)
-    with PeakRSS() as fwd:
-        forward()
-    with PeakRSS() as cap:
-        ghost()
-    out["memory"] = {"forward": fwd.growth, "recover_ghost": cap.growth, "base": fwd.base}
     out["tokens"] = sum(int(b["input_ids"].numel()) for b in batches)
     out["methods"] = len(methods)
     benchmark.extra_info.update({"ratio_all": out["all"]["ratio"], "ratio_ghost": out["ghost"]["ratio"]})
     RESULTS["cost"] = out
+
+
+def test_capture_memory(smollm2: tuple[Any, Any]) -> None:
+    import json
+    import subprocess
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident set")
+    out = {}
+    for kind in ("forward", "capture"):
+        done = subprocess.run([sys.executable, __file__, kind], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    RESULTS["memory"] = out
 
 
 def test_prefill_latency(benchmark: Any, smollm2: tuple[Any, Any], batches: list[dict[str, torch.Tensor]],
@@ -213,10 +230,12 @@ def report() -> str:
             lines.append(f"{what}: {r['b']:.2f} s vs plain forward {r['a']:.2f} s -> ratio {r['ratio']:.2f} "
                          f"(pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f}, {r['rounds']} rounds, load "
                          f"{r['load']:.2f}; target <= 1.3)")  # fmt: skip
-        m = c["memory"]
-        lines.append(f"peak RSS growth: plain forward {m['forward'] / 2**20:.0f} MiB, recover(ghost) "
-                     f"{m['recover_ghost'] / 2**20:.0f} MiB (process RSS before: "
-                     f"{m['base'] / 2**20:.0f} MiB)")  # fmt: skip
+    if "memory" in RESULTS:
+        m = RESULTS["memory"]
+        lines.append("peak resident growth (fresh process each): plain forward "
+                     f"{m['forward']['bytes'] / 2**20:.0f} MiB, recover(ghost, inplace) "
+                     f"{m['capture']['bytes'] / 2**20:.0f} MiB (model loaded: "
+                     f"{m['forward']['rss'] / 2**20:.0f} MiB resident)")  # fmt: skip
     if "prefill" in RESULTS:
         r = RESULTS["prefill"]
         lines.append(f"prefill 1 x {SEQ_LEN}: pruned {1e3 * r['a']:.1f} ms, ghost {1e3 * r['b']:.1f} ms -> "
@@ -228,3 +247,7 @@ def report() -> str:
 
 def test_zz_report() -> None:
     print("\n" + report())
+
+
+if __name__ == "__main__":
+    _memory_child(sys.argv[1])
