@@ -9,9 +9,10 @@ one interval, the block streamline chooses on 32 WikiText-2 windows, see docs/re
    the calibration windows; B = the whole recovery of every method of ``scripts/smollm2_protocol.py``
    (``iter_recoveries``: one capture pass serving every boundary and ReplaceMe's MLP statistics, every fit,
    one model copy per method, made one after the other). Also B' = ``recover(..., method="ghost")`` alone.
-   Reported: the median of each, and the median and range of the per-pair ratios B / A. Target ≤ 1.3.
+   Reported: the median of each, and the median and range of the per-pair ratios B / A, in wall and in
+   process CPU seconds (one thread: CPU time leaves out waiting for a core). Target ≤ 1.3.
 2. **Prefill latency.** The ghost-recovered model against the plainly pruned one (both 23 layers), batch 1,
-   256 tokens, no KV cache, paired A B A B over ``GHOSTSOLVE_BENCH_ROUNDS`` (default 11) rounds after a
+   256 tokens, no KV cache, paired A B A B over ``GHOSTSOLVE_BENCH_ROUNDS`` (default 31) rounds after a
    warm-up. Target: ghost / pruned − 1 ≤ 3%.
 3. **Peak memory of capture.** In a fresh process each (so no memory freed by an earlier step is reused): the
    peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the model is loaded) above the
@@ -38,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOWS = int(os.environ.get("GHOSTSOLVE_BENCH_REAL_WINDOWS", "4"))
-ROUNDS = max(3, int(os.environ.get("GHOSTSOLVE_BENCH_ROUNDS", "11")))
+ROUNDS = max(3, int(os.environ.get("GHOSTSOLVE_BENCH_ROUNDS", "31")))
 COST_ROUNDS = max(2, int(os.environ.get("GHOSTSOLVE_BENCH_COST_ROUNDS", "3")))
 SEQ_LEN = 256
 DROP = list(range(12, 19))
@@ -86,26 +87,33 @@ def _windows(model: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     return batches_from_windows(windows, 4)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    tic = time.perf_counter()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of this process (on a shared machine the CPU time leaves out the time
+    spent waiting for a core, which dominates the spread of wall times)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - tic
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> dict[str, Any]:
-    """A and B alternately (A B, then B A, ...) ``rounds`` times; medians and the per-pair ratios B / A."""
-    times_a, times_b = [], []
+    """A and B alternately (A B, then B A, ...) ``rounds`` times; medians (wall and CPU seconds) and the
+    median and range of the per-pair ratios B / A."""
+    runs_a, runs_b = [], []
     for r in range(rounds):
         if r % 2 == 0:
-            times_a.append(_timed(a))
-            times_b.append(_timed(b))
+            runs_a.append(_timed(a))
+            runs_b.append(_timed(b))
         else:
-            times_b.append(_timed(b))
-            times_a.append(_timed(a))
-    ratios = [tb / ta for ta, tb in zip(times_a, times_b, strict=True)]
-    return {"a": statistics.median(times_a), "b": statistics.median(times_b),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "rounds": rounds, "load": os.getloadavg()[0]}  # fmt: skip
+            runs_b.append(_timed(b))
+            runs_a.append(_timed(a))
+    out: dict[str, Any] = {"rounds": rounds, "load": os.getloadavg()[0]}
+    for k, clock in enumerate(("", "cpu_")):
+        ta, tb = [t[k] for t in runs_a], [t[k] for t in runs_b]
+        ratios = [y / x for x, y in zip(ta, tb, strict=True)]
+        out.update({f"{clock}a": statistics.median(ta), f"{clock}b": statistics.median(tb),
+                    f"{clock}ratio": statistics.median(ratios), f"{clock}ratio_min": min(ratios),
+                    f"{clock}ratio_max": max(ratios)})  # fmt: skip
+    return out
 
 
 def _status_bytes(field: str) -> int:
@@ -228,8 +236,10 @@ def report() -> str:
         for key, what in (("all", every), ("ghost", "recover(ghost)")):
             r = c[key]
             lines.append(f"{what}: {r['b']:.2f} s vs plain forward {r['a']:.2f} s -> ratio {r['ratio']:.2f} "
-                         f"(pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f}, {r['rounds']} rounds, load "
-                         f"{r['load']:.2f}; target <= 1.3)")  # fmt: skip
+                         f"(pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f}); CPU time {r['cpu_b']:.2f} vs "
+                         f"{r['cpu_a']:.2f} s -> {r['cpu_ratio']:.2f} (pairs {r['cpu_ratio_min']:.2f}-"
+                         f"{r['cpu_ratio_max']:.2f}); {r['rounds']} rounds, load {r['load']:.2f}; "
+                         "target <= 1.3")  # fmt: skip
     if "memory" in RESULTS:
         m = RESULTS["memory"]
         lines.append("peak resident growth (fresh process each): plain forward "
@@ -240,7 +250,9 @@ def report() -> str:
         r = RESULTS["prefill"]
         lines.append(f"prefill 1 x {SEQ_LEN}: pruned {1e3 * r['a']:.1f} ms, ghost {1e3 * r['b']:.1f} ms -> "
                      f"overhead {100 * r['overhead']:+.2f}% (pair ratios "
-                     f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}, "
+                     f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}); CPU time {1e3 * r['cpu_a']:.1f} vs "
+                     f"{1e3 * r['cpu_b']:.1f} ms -> {100 * (r['cpu_b'] / r['cpu_a'] - 1):+.2f}% (pair ratios "
+                     f"{r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f}, "
                      f"{r['rounds']} rounds, load {r['load']:.2f}; target <= 3%)")  # fmt: skip
     return "\n".join(lines)
 
