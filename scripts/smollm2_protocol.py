@@ -456,10 +456,10 @@ def _plots(records: list[dict[str, Any]], avgs: dict[str, list[float]], ratio: d
             ax.axhline(dense_avg, color="k", ls="--", lw=1, label=f"dense {dense_avg:.1f}")
             ax.legend()
         ax.set_xticks(range(len(shown)), [LABELS[m] for m in shown], rotation=40, ha="right")
-        ax.set_yscale("log")
         ax.set_ylabel("perplexity, mean of WikiText-2 and PTB")
-        n = max(len(avgs[m]) for m in shown)
-        ax.set_title(f"SmolLM2-135M, 7 of 30 layers removed (streamline); mean ± std, {n} seeds")
+        counts = sorted({len(avgs[m]) for m in shown})
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        ax.set_title(f"SmolLM2-135M, 7 of 30 layers removed (streamline); mean ± std over {seeds} seeds")
         save_png(fig, figures / "smollm2_headline.png")
     for name, series, xs, xlabel, title in (
         ("ratio", ratio, (4, 7, 10), "layers removed (of 30), streamline", "removal ratio, seed 0"),
