@@ -86,11 +86,12 @@ class Setting:
     calib: str = "wikitext2"
     methods: tuple[str, ...] = METHODS
     evals: tuple[str, ...] = ("wikitext2", "ptb")
+    skip_first_token: bool = False
 
     @property
     def name(self) -> str:
         return (f"{self.select}-{self.num_drop}-{self.order}-c{self.n_calib}-{self.calib}-s{self.seed}"
-                f"-{'+'.join(self.evals)}")  # fmt: skip
+                f"-{'+'.join(self.evals)}{'-skip1' if self.skip_first_token else ''}")  # fmt: skip
 
 
 def settings() -> list[Setting]:
@@ -103,6 +104,8 @@ def settings() -> list[Setting]:
     out += [Setting("e", "streamline", 7, methods=SWEEP_METHODS, evals=("shakespeare",)),
             Setting("e", "streamline", 7, calib="self", methods=SWEEP_METHODS,
                     evals=("wikitext2", "ptb", "shakespeare"))]
+    # f. a diagnostic added after b.: 10 of 30 with each window's first token left out of the fit.
+    out += [Setting("f", "streamline", 10, methods=("ghost", "replaceme"), skip_first_token=True)]
     return out
 
 
@@ -177,6 +180,7 @@ def _base(setting: Setting) -> dict[str, Any]:
     return {"setting": setting.name, "group": setting.group, "select": setting.select,
             "num_drop": setting.num_drop, "order": setting.order, "n_calib": setting.n_calib,
             "calib": setting.calib, "seed": setting.seed, "seq_len": SEQ_LEN,
+            "skip_first_token": setting.skip_first_token,
             "eval_windows": EVAL_WINDOWS}  # fmt: skip
 
 
@@ -242,6 +246,7 @@ def run_setting(ctx: Context, setting: Setting, log: logging.Logger) -> None:
             continue
         methods.append(name)
     for name, recovery in iter_recoveries(ctx.model, drop, batches, methods, order=setting.order,
+                                          skip_first_token=setting.skip_first_token,
                                           progress=False):  # fmt: skip
         residuals = [v for v in recovery.relative_residuals.values() if math.isfinite(v)]
         common = {**base, "method": name,
@@ -415,6 +420,19 @@ def render(path: Path = DATA, doc: Path = DOC, figures: Path = FIGURES) -> str:
             "Dense: "
             f"{' / '.join(dense_cells)}. Layers removed with self calibration: "
             f"{_removed(records, group='e', calib='self')}.", "", *gen_rows, ""]  # fmt: skip
+    skip_rows = ["| method | WikiText-2, every token | PTB, every token | WikiText-2, first token left out "
+                 "| PTB, first token left out |", "| --- |" + " ---: |" * 4]  # fmt: skip
+    for m in ("identity", "ghost", "replaceme"):
+        cells = [_one(records, {"group": "b", "num_drop": 10}, m, (e,)) for e in ("wikitext2", "ptb")]
+        cells += [_one(records, {"group": "f"}, m, (e,)) for e in ("wikitext2", "ptb")]
+        if any(v is not None for v in cells[2:]):
+            skip_rows.append(f"| {LABELS[m]} | " + " | ".join(_cell(v) for v in cells) + " |")
+    if len(skip_rows) > 2:
+        out += ["## f. 10 of 30 again, each window's first token left out of the fit (`skip_first_token`)",
+                "",
+                "The same removal and calibration windows as b.'s 10 of 30 (seed 0); only the rows of the "
+                "statistics change (the first position of every window is not used to fit).", "",
+                *skip_rows, ""]  # fmt: skip
     text = "\n".join(out)
     _plots(records, avgs, ratio, sweep, figures)
     if doc is not None:
