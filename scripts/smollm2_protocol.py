@@ -491,11 +491,15 @@ def _plots(records: list[dict[str, Any]], avgs: dict[str, list[float]], ratio: d
         ax = fig.add_subplot()
         for m, values in lines.items():
             pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[m])
+            k = METHODS.index(m)
+            # One fixed colour and marker per method (the default cycle repeats after ten lines).
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>ph*X"[k], color=f"C{k % 10}",
+                    ls="-" if k < 10 else "--", label=LABELS[m])  # fmt: skip
         if dense_avg is not None:
             ax.axhline(dense_avg, color="k", ls="--", lw=1, label="dense")
         if name == "calib_size":
             ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity, mean of WikiText-2 and PTB")
