@@ -98,7 +98,8 @@ def _add_fitting(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="relative ridge of the least-squares fits: a number >= 0 (lambda = ridge * mean(diag(X^T X))), "
         "cv (5-fold cross-validation over whole calibration sequences) or gcv (default: cv; 0 for the "
-        "unregularised optimum)",
+        "unregularised optimum; with lowrank/symmetric at large d, cv refits every fold and grid ridge: "
+        "prefer gcv there)",
     )
     group.add_argument(
         "--rank", type=rank_of, default=None, help="lowrank family: the rank, an integer or cv (default d/4)"
