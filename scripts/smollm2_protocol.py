@@ -19,7 +19,8 @@ b. 4 and 10 of 30 by streamline, seed 0;
 c. 7 of 30 by block influence (ShortGPT), independent and sequential order, seed 0;
 d. calibration windows 4, 8, 16, 64 (32 is a.'s seed 0) for identity, ghost, lowrank, replaceme;
 e. 7 of 30 by streamline evaluated on Shakespeare, and data-free calibration (``--calib self``), for the
-   methods of d.
+   methods of d.;
+f. 10 and 7 of 30 by streamline with each window's first token left out of the fit (ghost, ReplaceMe).
 
 Windows are 256 tokens. Calibration: ``calibration_windows`` from WikiText-2 validation, seeded. Evaluation:
 the non-overlapping 256-token windows of WikiText-2 test, PTB test and the complete Shakespeare, of which
