@@ -19,7 +19,8 @@ b. 4 and 10 of 30 by streamline, seed 0;
 c. 7 of 30 by block influence (ShortGPT), independent and sequential order, seed 0;
 d. calibration windows 4, 8, 16, 64 (32 is a.'s seed 0) for identity, ghost, lowrank, replaceme;
 e. 7 of 30 by streamline evaluated on Shakespeare, and data-free calibration (``--calib self``), for the
-   methods of d.
+   methods of d.;
+f. 10 and 7 of 30 by streamline with each window's first token left out of the fit (ghost, ReplaceMe).
 
 Windows are 256 tokens. Calibration: ``calibration_windows`` from WikiText-2 validation, seeded. Evaluation:
 the non-overlapping 256-token windows of WikiText-2 test, PTB test and the complete Shakespeare, of which
@@ -104,8 +105,9 @@ def settings() -> list[Setting]:
     out += [Setting("e", "streamline", 7, methods=SWEEP_METHODS, evals=("shakespeare",)),
             Setting("e", "streamline", 7, calib="self", methods=SWEEP_METHODS,
                     evals=("wikitext2", "ptb", "shakespeare"))]
-    # f. a diagnostic added after b.: 10 of 30 with each window's first token left out of the fit.
-    out += [Setting("f", "streamline", 10, methods=("ghost", "replaceme"), skip_first_token=True)]
+    # f. a diagnostic added after b.: 10 and 7 of 30 with each window's first token left out of the fit.
+    out += [Setting("f", "streamline", k, methods=("ghost", "replaceme"), skip_first_token=True)
+            for k in (10, 7)]
     return out
 
 
@@ -420,18 +422,19 @@ def render(path: Path = DATA, doc: Path = DOC, figures: Path = FIGURES) -> str:
             "Dense: "
             f"{' / '.join(dense_cells)}. Layers removed with self calibration: "
             f"{_removed(records, group='e', calib='self')}.", "", *gen_rows, ""]  # fmt: skip
-    skip_rows = ["| method | WikiText-2, every token | PTB, every token | WikiText-2, first token left out "
-                 "| PTB, first token left out |", "| --- |" + " ---: |" * 4]  # fmt: skip
-    for m in ("identity", "ghost", "replaceme"):
-        cells = [_one(records, {"group": "b", "num_drop": 10}, m, (e,)) for e in ("wikitext2", "ptb")]
-        cells += [_one(records, {"group": "f"}, m, (e,)) for e in ("wikitext2", "ptb")]
-        if any(v is not None for v in cells[2:]):
-            skip_rows.append(f"| {LABELS[m]} | " + " | ".join(_cell(v) for v in cells) + " |")
+    skip_rows = ["| layers removed | method | WikiText-2, every token | PTB, every token | WikiText-2, first "
+                 "token left out | PTB, first token left out |", "| --- | --- |" + " ---: |" * 4]  # fmt: skip
+    for k, every_token in ((10, {"group": "b", "num_drop": 10}), (7, {"group": "a", "seed": 0})):
+        for m in ("ghost", "replaceme"):
+            cells = [_one(records, every_token, m, (e,)) for e in ("wikitext2", "ptb")]
+            cells += [_one(records, {"group": "f", "num_drop": k}, m, (e,)) for e in ("wikitext2", "ptb")]
+            if any(v is not None for v in cells[2:]):
+                skip_rows.append(f"| {k} of 30 | {LABELS[m]} | " + " | ".join(_cell(v) for v in cells) + " |")
     if len(skip_rows) > 2:
-        out += ["## f. 10 of 30 again, each window's first token left out of the fit (`skip_first_token`)",
-                "",
-                "The same removal and calibration windows as b.'s 10 of 30 (seed 0); only the rows of the "
-                "statistics change (the first position of every window is not used to fit).", "",
+        out += ["## f. Each window's first token left out of the fit (`skip_first_token`), seed 0", "",
+                "The same removals and calibration windows as b.'s 10 of 30 and a.'s 7 of 30 (streamline, "
+                "seed 0); only the rows of the statistics change (the first position of every window is not "
+                "used to fit).", "",
                 *skip_rows, ""]  # fmt: skip
     text = "\n".join(out)
     _plots(records, avgs, ratio, sweep, figures)
