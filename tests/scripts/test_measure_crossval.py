@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "measure_crossval.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def mc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("measure_crossval", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["measure_crossval"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("measure_crossval")
 
 
 def _result(variant: str, size: int | None, seed: int | None, ppl: float, **extra: Any) -> dict[str, Any]:

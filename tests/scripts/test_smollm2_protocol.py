@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "smollm2_protocol.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def protocol() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("smollm2_protocol", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["smollm2_protocol"] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("smollm2_protocol")
 
 
 def _record(protocol: ModuleType, setting: Any, method: str, ev: str, ppl: float) -> dict[str, Any]:
