@@ -234,27 +234,38 @@ def test_fits_vs_lstsq(benchmark: Any, data: Any) -> None:
         )
 
 
-def test_product_paths(benchmark: Any) -> None:
-    """The three ways a chunk's products can be computed (the choice in ghostsolve.stats), side by side."""
-    from ghostsolve.stats import _gram_products  # the internal kernel: what the path table in stats.py cites
+def _stats_by_path(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], path: str, pd: torch.dtype | None
+) -> ghostsolve.Stats:
+    import ghostsolve.stats as stats_module  # the internal path choice: what the path table there cites
 
-    LINES.append("chunk product paths, one chunk of 4096 rows (time relative to torch's fused Xᵀ[X | D]):")
-    for d in (1024, 576):
-        for dtype in (torch.float64, torch.float32):
-            g = torch.Generator().manual_seed(d)
-            Z = torch.randn(CHUNK, 2 * d, generator=g, dtype=dtype)
-            Xs, Ds = Z[:, :d].contiguous(), Z[:, d:].contiguous()
+    chosen = stats_module._product_path
+    stats_module._product_path = lambda *_: path  # type: ignore[assignment]
+    try:
+        return _stats(xs, ys, product_dtype=pd)
+    finally:
+        stats_module._product_path = chosen
+
+
+def test_product_paths(benchmark: Any) -> None:
+    """The three ways ``Stats`` computes a chunk's products (the table in ghostsolve.stats), side by side:
+    whole ``Stats.update`` passes over 32768 rows (rows, products and accumulation), each path forced."""
+    LINES.append("chunk product paths, Stats over 32768 rows (speed relative to torch's fused Xᵀ[X | D]):")
+    for d, chunk in ((1024, 4096), (576, 4096), (576, 512), (64, 512)):
+        g = torch.Generator().manual_seed(d)
+        xs = [torch.randn(chunk, d, generator=g) for _ in range(32768 // chunk)]
+        ys = [x + 0.1 * torch.randn(chunk, d, generator=g) for x in xs]
+        for mode, pd in (("fp64", None), ("fast", torch.float32)):
             contenders = {
-                "fused": lambda Z=Z, d=d: _gram_products(Z[:, :d], Z[:, d:], "fused"),
-                "half": lambda Z=Z, d=d: _gram_products(Z[:, :d], Z[:, d:], "half"),
-                "blas": lambda Xs=Xs, Ds=Ds: _gram_products(Xs, Ds, "blas"),
+                path: (lambda path=path, pd=pd: _stats_by_path(xs, ys, path, pd))
+                for path in ("fused", "half", "blas")
             }
             rounds, _ = round_robin(contenders, ROUNDS)
             for key in ("half", "blas"):
-                rel = [1 / r for r in rounds.ratios(key, "fused")]
+                rel = rounds.ratios(key, "fused")
                 med, lo, hi = statistics.median(rel), min(rel), max(rel)
                 LINES.append(
-                    f"  d={d:<5} {str(dtype).removeprefix('torch.'):<8} {key:<5} {med:5.2f}× "
+                    f"  d={d:<5} chunks {chunk:<5} {mode:<5} {key:<5} {med:5.2f}× "
                     f"(min–max {lo:.2f}–{hi:.2f}; {rounds.load_before})"
                 )
 

@@ -248,6 +248,7 @@ class Stats:
         # an exact integer count (int64 all-reduces by SUM like the rest), beside the weighted sum
         self.rows = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = torch.zeros((), **kw)
+        self._xtx_upper_stale = False  # see the xtx property
         self.xtx = torch.zeros(dim, dim, **kw)
         self.xtd = torch.zeros(dim, dim, **kw)
         self.yty = torch.zeros((), **kw)
@@ -333,6 +334,25 @@ class Stats:
         return float(self.count)
 
     @property
+    def xtx(self) -> torch.Tensor:
+        """``Σ w xᵀx`` (d×d), exactly symmetric (the live buffer).
+
+        Chunks on the BLAS path add only the lower triangle of their product (mirroring each chunk's
+        product cost ~12 % of the chunk's time at d = 1024); it is mirrored here, once, on the first read
+        after such updates. Read it again after further updates rather than keeping an old reference.
+        """
+        if self._xtx_upper_stale:
+            t = self._xtx
+            t.copy_(t.tril() + t.tril(-1).mT)
+            self._xtx_upper_stale = False
+        return self._xtx
+
+    @xtx.setter
+    def xtx(self, value: torch.Tensor) -> None:
+        self._xtx = value
+        self._xtx_upper_stale = False
+
+    @property
     def xty(self) -> torch.Tensor:
         """``Σ w xᵀy`` (d×d), derived as ``xtx + xtd`` (a new tensor)."""
         return self.xtx + self.xtd
@@ -382,13 +402,16 @@ class Stats:
         X2, Y2, w = self._rows(X, Y, weights)
         if X2.shape[0] == 0:
             return self
-        contrib = self._chunk(X2, Y2, w)
+        contrib, lower_only = self._chunk(X2, Y2, w)
         # All contributions were computed before this point, so a failure above leaves self unchanged.
         for name, value in contrib.items():
             if name == "r_factor":
                 self.r_factor = value
+            elif name == "xtx":
+                _accumulate(self._xtx, value)  # the lower triangle is always right; see the property
+                self._xtx_upper_stale |= lower_only
             else:
-                getattr(self, name).add_(value)
+                _accumulate(getattr(self, name), value)
         return self
 
     def _rows(self, X: Any, Y: Any, weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -413,7 +436,10 @@ class Stats:
         w = None if weights is None else as_weights(weights, tuple(X.shape), X.device)
         return X.reshape(-1, d), Y.reshape(-1, d), w
 
-    def _chunk(self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _chunk(
+        self, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """This chunk's part of every buffer, and whether its ``xtx`` holds the lower triangle only."""
         pd, acc = self.product_dtype, self.dtype
         path = _product_path(X.shape[0], self.dim, pd, X.device)
         half = pd in (torch.float16, torch.bfloat16)
@@ -451,7 +477,7 @@ class Stats:
                 + ("use dtype=torch.float64 (the default), or " if acc != torch.float64 else "")
                 + "rescale X and Y (or the weights) by one constant (the fit is scale-invariant)"
             )
-        return out
+        return out, path == "blas"
 
     def _usable(self, xx: torch.Tensor, dtd: torch.Tensor) -> bool:
         """Whether unscaled products are finite and their largest ``Σ x_c²`` lies where neither the product
@@ -742,68 +768,99 @@ def _largest(X: torch.Tensor, Y: torch.Tensor) -> float:
 
 
 # How a chunk's products are computed. Measured with benchmarks/bench_core.py::test_product_paths on the
-# 2-core CPU of the build machine (chunks of 4096 rows, time relative to the fused GEMM, median of 9 paired
-# rounds): at d = 1024 "blas" 0.79× and "half" 0.86× in fp64, both ≈ 0.97× in fp32 (where "blas" also
-# reads contiguous fp32 rows in place, saving the two copy passes "half" needs); at d = 576 "half" 0.91×
-# (fp64) / 1.00× (fp32) while "blas" is slower (1.17× / 1.68×).
-# * "blas": wide rows on the CPU — XᵀX by BLAS syrk (N·d² flops, one triangle, mirrored) and
-#   Xᵀ(Y−X) by gemm, both from scipy's OpenBLAS on the tensors' own memory (torch exposes no syrk, and
-#   mixing its OpenMP pool with OpenBLAS's between the two products costs more than it saves);
+# 2-core CPU of the build machine (chunks of 4096 rows, time relative to the fused GEMM, median of paired
+# rounds; the figures are in docs/core.md):
+# * "blas": wide rows on the CPU — everything in numpy: the rows, ‖D‖², the lower triangle of XᵀX by BLAS
+#   syrk (N·d² flops) and Xᵀ(Y−X) by gemm, from scipy's OpenBLAS on the arrays' own memory (torch exposes
+#   no syrk). No torch operation runs between the BLAS calls: a torch elementwise pass wakes torch's
+#   OpenMP pool while OpenBLAS's threads still spin (and the reverse), and on few cores the two pools slow
+#   each other down; the accumulators add these parts through numpy too (``_accumulate``);
 # * "half": [XᵀX | XᵀD] by two torch GEMMs that skip the lower-left quarter of XᵀX (3.5·N·d² flops);
 # * "fused": one torch GEMM Xᵀ[X | D] (4·N·d²): below these sizes fewer, larger calls win.
-_BLAS_MIN_D = 768
 _HALF_MIN_D = 256
 _HALF_MIN_ROWS = 2048
+_NUMPY_OF: dict[torch.dtype, Any] = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+}
 
 
 def _product_path(n: int, d: int, pd: torch.dtype, device: torch.device) -> str:
-    if device.type == "cpu" and pd in (torch.float32, torch.float64) and d >= _BLAS_MIN_D:
+    if device.type == "cpu" and pd in (torch.float32, torch.float64):
         return "blas"
     return "half" if d >= _HALF_MIN_D and n >= _HALF_MIN_ROWS else "fused"
 
 
-def _scaled_rows(
-    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int, path: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(X, Y − X) · 2^shift`` (rows times ``sqrt(w)``) in ``pd``, as two ``(n, d)`` tensors.
+def _row_factor(w: torch.Tensor | None, shift: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``sqrt(w) · 2^shift`` as an ``(n, 1)`` column, formed in float64 (neither part overflows alone)."""
+    if w is None:
+        return None
+    return _times_pow2(w.double().sqrt(), shift).unsqueeze(1).to(dtype)
 
-    For the ``"blas"`` path they are separate row-major buffers (the first may be ``X`` itself, read
-    only, when nothing needs casting or scaling: the fast mode on float32 rows then makes one pass
-    ``Y − X`` before the products instead of three); otherwise the two halves of one ``(n, 2d)`` buffer.
-    """
+
+def _scaled_rows(
+    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y − X) · 2^shift`` (rows times ``sqrt(w)``) in ``pd``, the halves of one ``(n, 2d)`` buffer."""
     n, d = X.shape
     wide = torch.promote_types(X.dtype, pd)
-    factor = None
-    if w is not None:  # sqrt(w) · 2^shift, formed in float64 where neither part can overflow alone
-        factor = _times_pow2(w.double().sqrt(), shift).unsqueeze(1).to(wide)
+    factor = _row_factor(w, shift, wide)
     if wide != pd:
         # a narrower product dtype: scale in the input's precision first, so that the cast cannot overflow
         Xw, Dw = X.to(wide, copy=True), Y.to(wide).sub(X)
         _scale_rows(Xw, Dw, factor, shift)
-        Xw, Dw = Xw.to(pd), Dw.to(pd)
-        return (Xw, Dw) if path == "blas" else _halves(torch.cat([Xw, Dw], dim=1))
-    # pd is at least as wide as the input: the cast, the difference and the scaling are exact in pd
-    if path == "blas" and factor is None and shift == 0 and X.dtype == pd and X.is_contiguous():
-        return X, torch.sub(Y, X)
-    if path == "blas":
-        Xp = torch.empty(n, d, dtype=pd, device=X.device)
-        Dp = torch.empty(n, d, dtype=pd, device=X.device)
-    else:
-        Xp, Dp = _halves(torch.empty(n, 2 * d, dtype=pd, device=X.device))
+        return _halves(torch.cat([Xw.to(pd), Dw.to(pd)], dim=1))
+    # pd is at least as wide as the input: the cast and the difference are computed in pd
+    Xp, Dp = _halves(torch.empty(n, 2 * d, dtype=pd, device=X.device))
     Xp.copy_(X)
     Dp.copy_(Y)
-    Dp.sub_(Xp)  # in pd, at least the input's precision: exact (a same-dtype sub is the fast kernel)
+    Dp.sub_(Xp)  # a same-dtype sub is the fast kernel
     _scale_rows(Xp, Dp, factor, shift)
     return Xp, Dp
+
+
+def _numpy_rows(
+    X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_scaled_rows`, by numpy, as two C-ordered arrays (the first is ``X``'s own memory, read
+    only, when nothing needs casting or scaling: the fast mode on float32 rows then makes one pass)."""
+    if X.dtype not in _NUMPY_OF:  # bfloat16, which numpy lacks: widening to pd (float32/64) is exact
+        X, Y = X.to(pd), Y.to(pd)
+    Xn, Yn = X.numpy(), Y.numpy()
+    wide = np.promote_types(Xn.dtype, _NUMPY_OF[pd])
+    factor = _row_factor(w, shift, torch.float64 if wide == np.float64 else torch.float32)
+    if factor is None and shift == 0 and wide == Xn.dtype and Xn.flags.c_contiguous:
+        Dn = np.subtract(Yn, Xn, order="C")
+    else:
+        # cast, then subtract in the wider dtype (three passes measured faster than a casting subtract)
+        Xn = np.array(Xn, dtype=wide, order="C")
+        Dn = np.array(Yn, dtype=wide, order="C")
+        np.subtract(Dn, Xn, out=Dn)
+        for a in (Xn, Dn):
+            if factor is not None:
+                np.multiply(a, factor.numpy(), out=a)
+            elif shift:
+                np.ldexp(a, shift, out=a)  # exact: a power of two
+    if wide != _NUMPY_OF[pd]:  # a narrower product dtype: scaled first, so that the cast cannot overflow
+        Xn, Dn = Xn.astype(_NUMPY_OF[pd]), Dn.astype(_NUMPY_OF[pd])
+    return Xn, Dn
 
 
 def _products(
     X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int, path: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scaled rows ``Xp``, ``Dp`` and their ``XᵀX``, ``XᵀD`` (in pd) and ``‖D‖²`` (float64)."""
-    Xp, Dp = _scaled_rows(X, Y, w, pd, shift, path)
-    # per-row norms in pd (short sums), then their squares summed in float64: as accurate as the
-    # products for a fraction of a float64 reduction's cost on low-precision rows
+    """Scaled rows ``Xp``, ``Dp`` and their ``XᵀX``, ``XᵀD`` (in pd) and ``‖D‖²`` (float64).
+
+    On the ``"blas"`` path ``XᵀX`` holds its lower triangle only (zeros above), see ``Stats.xtx``.
+    """
+    if path == "blas":
+        Xn, Dn = _numpy_rows(X, Y, w, pd, shift)
+        # per-row sums of squares in pd (short sums), then summed in float64: as accurate as the products
+        dtd = torch.tensor(float(np.einsum("ij,ij->i", Dn, Dn).astype(np.float64).sum()), dtype=torch.float64)
+        xx, xd = _blas_products(Xn, Dn)
+        return torch.from_numpy(Xn), torch.from_numpy(Dn), xx, xd, dtd
+    Xp, Dp = _scaled_rows(X, Y, w, pd, shift)
     dtd = torch.linalg.vector_norm(Dp, dim=1).double().square().sum()
     xx, xd = _gram_products(Xp, Dp, path)
     return Xp, Dp, xx, xd, dtd
@@ -822,25 +879,29 @@ def _scale_rows(Xp: torch.Tensor, Dp: torch.Tensor, factor: torch.Tensor | None,
             _times_pow2(t, shift)
 
 
-def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(XᵀX, XᵀD)`` in the rows' dtype and device, by ``path`` (see ``_product_path``).
+def _blas_products(Xn: np.ndarray, Dn: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tril(XᵀX), XᵀD)`` of C-ordered float32/float64 rows by OpenBLAS syrk and gemm, as row-major tensors.
 
-    ``XᵀX`` is exactly symmetric on the ``"blas"`` path (one triangle, mirrored) and symmetric to rounding
-    on the others (the solvers read one triangle).
+    Only the lower triangle of ``XᵀX`` is formed (zeros above): mirroring it per chunk would cost ~12 %
+    of the chunk at d = 1024, so ``Stats`` mirrors its sum once, when read.
+    """
+    d = Xn.shape[1]
+    syrk, gemm = (blas.dsyrk, blas.dgemm) if Xn.dtype == np.float64 else (blas.ssyrk, blas.sgemm)
+    c = np.zeros((d, d), dtype=Xn.dtype, order="F")  # calloc: the untouched triangle stays zero
+    # Xnᵀ is the Fortran-ordered (d, n) view of the row-major rows: BLAS reads them without a copy. The
+    # column-major upper triangle, transposed, is the row-major lower one: contiguous for the accumulator.
+    lower = torch.from_numpy(syrk(1.0, Xn.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)).mT
+    # gemm's column-major DᵀX is XᵀD row-major (a transposed read by the accumulator costs ~4×)
+    return lower, torch.from_numpy(gemm(1.0, Dn.T, Xn.T, trans_b=1)).T
+
+
+def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(XᵀX, XᵀD)`` by torch GEMMs (``"half"`` or ``"fused"``, see ``_product_path``), in the rows' dtype.
+
+    ``Xp`` and ``Dp`` are the two halves of one ``(n, 2d)`` buffer; ``XᵀX`` is symmetric to rounding (the
+    solvers read one triangle).
     """
     d = Xp.shape[1]
-    if path == "blas":
-        Xn, Dn = Xp.contiguous().numpy(), Dp.contiguous().numpy()
-        double = Xp.dtype == torch.float64
-        syrk, gemm = (blas.dsyrk, blas.dgemm) if double else (blas.ssyrk, blas.sgemm)
-        c = np.zeros((d, d), dtype=Xn.dtype, order="F")  # calloc: the untouched triangle stays zero
-        # Xnᵀ is the Fortran-ordered (d, n) view of the row-major rows: BLAS reads them without a copy
-        U = torch.from_numpy(syrk(1.0, Xn.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1))
-        xx = U.mT + U  # U is column-major: its transpose first gives a row-major (contiguous) result
-        xx.diagonal().sub_(U.diagonal())
-        # BLAS returns column-major results: ask for DᵀX, whose column-major memory is XᵀD row-major, so
-        # the accumulator adds it contiguously (a transposed read costs ~4× here)
-        return xx, torch.from_numpy(gemm(1.0, Dn.T, Xn.T, trans_b=1)).T
     Z = Xp.as_strided((Xp.shape[0], 2 * d), Xp.stride())  # the (n, 2d) buffer both halves live in
     if path == "fused":
         P = Xp.T @ Z
@@ -851,6 +912,22 @@ def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch
     P[h:, h:] = Z[:, h:d].T @ Z[:, h:]
     P[h:, :h] = P[:h, h:d].T
     return P[:, :d], P[:, d:]
+
+
+def _accumulate(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """``acc += part``; CPU matrices through numpy, so torch's thread pool stays asleep between the BLAS
+    calls of the ``"blas"`` path (see the path table above)."""
+    numeric = (torch.float32, torch.float64)
+    if (
+        acc.dim()
+        and acc.device.type == part.device.type == "cpu"
+        and acc.dtype in numeric
+        and part.dtype in numeric
+    ):
+        a = acc.numpy()
+        np.add(a, part.numpy(), out=a)
+    else:
+        acc.add_(part)
 
 
 def _tsqr_step(R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -295,19 +295,23 @@ def test_nonfinite_rows_counted_over_the_whole_input() -> None:
     assert isinstance(info.value, GhostsolveError)
 
 
-@pytest.mark.parametrize(
-    ("n", "d"),
-    [(40, 16), (2100, 300), (300, 800)],
-    ids=["fused-gemm", "half-gemm", "blas-syrk"],  # the three ways a chunk's products are computed
-)
+@pytest.mark.parametrize("path", ["fused", "half", "blas"])  # the three ways a chunk's products are computed
+@pytest.mark.parametrize(("n", "d"), [(40, 16), (300, 64)])
 @pytest.mark.parametrize("pd", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_every_product_path_matches_numpy(n: int, d: int, pd: torch.dtype) -> None:
+def test_every_product_path_matches_numpy(
+    monkeypatch: pytest.MonkeyPatch, path: str, n: int, d: int, pd: torch.dtype
+) -> None:
+    import ghostsolve.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_product_path", lambda *_: path)  # the CPU takes "blas" on its own
     g = torch.Generator().manual_seed(n + d)
     X = torch.randn(n, d, generator=g)
     Y = X + 0.3 * torch.randn(n, d, generator=g)
     w = torch.rand(n, generator=g)
     for weights in (None, w):
-        s = Stats(d, product_dtype=pd, magnitudes=False).update(X, Y, weights=weights)
+        s = Stats(d, product_dtype=pd, magnitudes=False)
+        s.update(X[: n // 3], Y[: n // 3], None if weights is None else weights[: n // 3])
+        s.update(X[n // 3 :], Y[n // 3 :], None if weights is None else weights[n // 3 :])
         Xn, Dn = X.double().numpy(), (Y.double() - X.double()).numpy()
         if weights is not None:
             Xn, Dn = Xn * np.sqrt(w.double().numpy())[:, None], Dn * np.sqrt(w.double().numpy())[:, None]
@@ -317,6 +321,34 @@ def test_every_product_path_matches_numpy(n: int, d: int, pd: torch.dtype) -> No
         assert torch.allclose(s.xtx, s.xtx.T, rtol=0, atol=tol * float(s.xtx.abs().max()))
         assert float(s.dtd) == pytest.approx(float((Dn**2).sum()), rel=tol)
         assert float(s.yty) == pytest.approx(float(((Xn + Dn) ** 2).sum()), rel=tol)
+
+
+@given(case=cases(max_d=12), data=st.data())
+def test_xtx_is_exactly_symmetric_whenever_read(case: Case, data: st.DataObject) -> None:
+    # the CPU path sums one triangle of XᵀX and mirrors it when read: reading between updates, merging,
+    # serializing and all-reducing must all see the same exactly symmetric sums
+    cuts = sorted(data.draw(st.lists(st.integers(0, case.n), max_size=4)))
+    reads = data.draw(st.lists(st.booleans(), min_size=len(cuts) + 1, max_size=len(cuts) + 1))
+    s = Stats(case.d, magnitudes=False)
+    for (a, b), read in zip(itertools.pairwise([0, *cuts, case.n]), reads, strict=True):
+        s.update(case.X[a:b], case.Y[a:b])
+        if read:
+            assert torch.equal(s.xtx, s.xtx.T)
+    whole = Stats(case.d, magnitudes=False).update(case.X, case.Y)
+    for t in (s.tensors()["xtx"], s.state_dict()["xtx"], s.merge(whole).xtx, s.to("cpu").xtx, s.xtx):
+        assert torch.equal(t, t.T)
+    ref = case.X.double().T @ case.X.double()
+    assert torch.allclose(s.xtx, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    assert torch.allclose(s.xty, s.xtx + s.xtd, rtol=0, atol=0)
+
+
+def test_xtx_read_once_then_updated_stays_right() -> None:
+    case = make_case(21, 200, 9)
+    s = Stats(9, magnitudes=False).update(case.X[:50], case.Y[:50])
+    held = s.xtx  # the live buffer: mirrored now
+    s.update(case.X[50:], case.Y[50:])
+    whole = Stats(9, magnitudes=False).update(case.X, case.Y)
+    assert torch.allclose(s.xtx, whole.xtx, rtol=1e-12, atol=1e-12) and held is s.xtx
 
 
 def test_for_families_keeps_only_what_is_needed() -> None:
