@@ -81,8 +81,41 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _by_lapack(*ts: torch.Tensor) -> bool:
+    """Whether these tensors are solved by scipy's LAPACK: CPU float32/float64 of one dtype.
+
+    Why not torch there: the statistics' products ran in scipy's OpenBLAS (see ``ghostsolve.stats``), and
+    the first torch operation after them contends with OpenBLAS's still-spinning threads on a machine
+    with few cores (measured ~50 ms per fit at d = 1024 on 2 cores); LAPACK from the same library avoids
+    the switch. Results agree with torch's to rounding.
+    """
+    return all(t.device.type == "cpu" and t.dtype == ts[0].dtype for t in ts) and ts[0].dtype in (
+        torch.float32,
+        torch.float64,
+    )
+
+
+def cholesky_lower(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor ``L`` of symmetric ``A`` (d × d; one triangle read) and LAPACK's ``info``:
+    0 on success, ``k > 0`` when the leading minor of order ``k`` is not positive definite (then ``L``
+    is not usable). As ``torch.linalg.cholesky_ex``, on the CPU by scipy's LAPACK ``?potrf``."""
+    if _by_lapack(A):
+        potrf = lapack.dpotrf if A.dtype == torch.float64 else lapack.spotrf
+        # A is symmetric: its row-major memory read column-major is A itself (no transposing copy)
+        c, info = potrf(A.numpy().T, lower=1, clean=1, overwrite_a=0)
+        return torch.from_numpy(c), int(info)
+    L, info = torch.linalg.cholesky_ex(A)
+    return L, int(info)
+
+
 def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹ B`` by two triangular solves (``torch.cholesky_solve`` copies ``L`` on every call)."""
+    """``(L Lᵀ)⁻¹ B`` (LAPACK ``?potrs`` on the CPU, else two triangular solves; ``torch.cholesky_solve``
+    copies ``L`` on every call)."""
+    if _by_lapack(L, B):
+        potrs = lapack.dpotrs if L.dtype == torch.float64 else lapack.spotrs
+        x, info = potrs(L.numpy(), B.numpy(), lower=1)
+        if info == 0:
+            return torch.from_numpy(x)
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
@@ -222,8 +255,8 @@ def estimate_condition(A: torch.Tensor, L: torch.Tensor | None = None, iters: in
         e = torch.linalg.eigvalsh(A64)
         return math.inf if float(e[0]) <= 0 else float(e[-1] / e[0])
     if L is None or L.dtype != torch.float64:
-        L, info = torch.linalg.cholesky_ex(A64)
-        if int(info) != 0:
+        L, info = cholesky_lower(A64)
+        if info != 0:
             return math.inf
     return _pocon(L, A64, upper=False)
 
@@ -300,9 +333,9 @@ def choose_solver(
         factor = None
     else:
         A = _shifted(stats.xtx.double(), lam)
-        factor, info = torch.linalg.cholesky_ex(A)
-        kappa = estimate_condition(A, factor) if int(info) == 0 else math.inf
-        if int(info) != 0:
+        factor, info = cholesky_lower(A)
+        kappa = estimate_condition(A, factor) if info == 0 else math.inf
+        if info != 0:
             factor = None
     safe = kappa_safe(dtype)
     name = str(dtype).removeprefix("torch.")
@@ -378,8 +411,8 @@ def _cholesky(p: Problem, warn: bool = True) -> Solution:
         if all_finite(M):
             return Solution(M, "cholesky")
     A = _shifted(p.G, p.lam)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
+    L, info = cholesky_lower(A)
+    if info == 0:
         M = _chol_solve(L, p.B)
         if all_finite(M):
             if not warn:
@@ -397,7 +430,7 @@ def _cholesky(p: Problem, warn: bool = True) -> Solution:
             return Solution(M, "cholesky")
         reason = "the triangular solves produced NaN/Inf"
     else:
-        reason = f"leading minor {int(info)} of XᵀX+λI is not positive definite in {A.dtype}"
+        reason = f"leading minor {info} of XᵀX+λI is not positive definite in {A.dtype}"
     fallback = "qr" if p.R is not None else "svd"
     sol = _qr(p) if p.R is not None else _eig(p, "svd")
     sol.notes.insert(

@@ -342,8 +342,7 @@ class Stats:
         after such updates. Read it again after further updates rather than keeping an old reference.
         """
         if self._xtx_upper_stale:
-            t = self._xtx
-            t.copy_(t.tril() + t.tril(-1).mT)
+            _mirror_lower(self._xtx)
             self._xtx_upper_stale = False
         return self._xtx
 
@@ -912,6 +911,18 @@ def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch
     P[h:, h:] = Z[:, h:d].T @ Z[:, h:]
     P[h:, :h] = P[:h, h:d].T
     return P[:, :d], P[:, d:]
+
+
+def _mirror_lower(t: torch.Tensor) -> None:
+    """Copy the strict lower triangle of square ``t`` onto its upper one, in place (CPU: by numpy, see
+    ``_accumulate``)."""
+    if t.device.type == "cpu" and t.dtype in _NUMPY_OF:
+        a = t.numpy()
+        np.copyto(a, a.T.copy(), where=~np.tri(a.shape[0], dtype=bool))
+    else:
+        low = t.tril(-1)
+        t.tril_()
+        t.add_(low.mT)
 
 
 def _accumulate(acc: torch.Tensor, part: torch.Tensor) -> None:
