@@ -48,7 +48,7 @@ import torch
 from scipy.linalg import lapack
 
 from .errors import GhostsolveError, IllConditionedWarning
-from .stats import Stats, check_dtype, require_finite
+from .stats import BLAS_MIN_DIM, Stats, check_dtype, require_finite
 
 __all__ = [
     "SOLVERS",
@@ -82,16 +82,19 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _by_lapack(*ts: torch.Tensor) -> bool:
-    """Whether these tensors are solved by scipy's LAPACK: CPU float32/float64 of one dtype.
+    """Whether these tensors are solved by scipy's LAPACK: CPU float32/float64 of one dtype, ``d`` at
+    least :data:`ghostsolve.stats.BLAS_MIN_DIM`.
 
-    Why not torch there: the statistics' products ran in scipy's OpenBLAS (see ``ghostsolve.stats``), and
-    the first torch operation after them contends with OpenBLAS's still-spinning threads on a machine
-    with few cores (measured ~50 ms per fit at d = 1024 on 2 cores); LAPACK from the same library avoids
-    the switch. Results agree with torch's to rounding.
+    Why not torch there: at those widths the statistics' products ran in scipy's OpenBLAS (see
+    ``ghostsolve.stats``), and the first torch operation after them contends with OpenBLAS's
+    still-spinning threads on a machine with few cores (measured ~50 ms per fit at d = 1024 on 2 cores);
+    LAPACK from the same library avoids the switch. Results agree with torch's to rounding.
     """
-    return all(t.device.type == "cpu" and t.dtype == ts[0].dtype for t in ts) and ts[0].dtype in (
-        torch.float32,
-        torch.float64,
+    first = ts[0]
+    return (
+        first.dtype in (torch.float32, torch.float64)
+        and first.shape[0] >= BLAS_MIN_DIM
+        and all(t.device.type == "cpu" and t.dtype == first.dtype for t in ts)
     )
 
 

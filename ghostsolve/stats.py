@@ -30,6 +30,7 @@ from .errors import GhostsolveError, NonFiniteInputError, NumericalError
 from .hadamard import apply_hadamard, hadamard_supported
 
 __all__ = [
+    "BLAS_MIN_DIM",
     "Stats",
     "as_rows",
     "as_tensor",
@@ -776,6 +777,10 @@ def _largest(X: torch.Tensor, Y: torch.Tensor) -> float:
 #   each other down; the accumulators add these parts through numpy too (``_accumulate``);
 # * "half": [XᵀX | XᵀD] by two torch GEMMs that skip the lower-left quarter of XᵀX (3.5·N·d² flops);
 # * "fused": one torch GEMM Xᵀ[X | D] (4·N·d²): below these sizes fewer, larger calls win.
+# Below this width the torch paths win inside a model's forward pass: each OpenBLAS call leaves its
+# threads spinning for a while, which slows the torch work that follows (stories260K, d = 64: recovery
+# 0.8× → 2.1× of a forward pass with OpenBLAS at every width); above it the products dominate.
+BLAS_MIN_DIM = 768
 _HALF_MIN_D = 256
 _HALF_MIN_ROWS = 2048
 _NUMPY_OF: dict[torch.dtype, Any] = {
@@ -786,7 +791,7 @@ _NUMPY_OF: dict[torch.dtype, Any] = {
 
 
 def _product_path(n: int, d: int, pd: torch.dtype, device: torch.device) -> str:
-    if device.type == "cpu" and pd in (torch.float32, torch.float64):
+    if device.type == "cpu" and pd in (torch.float32, torch.float64) and d >= BLAS_MIN_DIM:
         return "blas"
     return "half" if d >= _HALF_MIN_D and n >= _HALF_MIN_ROWS else "fused"
 

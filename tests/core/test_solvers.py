@@ -206,3 +206,28 @@ def test_condition_estimate_for_large_d_is_a_safe_side_estimate(seed: int, sprea
     assert k2 / 3 <= est <= d * k2
     choice = choose_solver(ghostsolve.Stats(d).update(X, X))
     assert choice.factor is not None and torch.allclose(choice.factor @ choice.factor.T, A, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lapack_cholesky_agrees_with_torch(dtype: torch.dtype) -> None:
+    # wide CPU systems are factored by scipy's LAPACK (the statistics' thread pool), narrow ones by torch
+    from ghostsolve.solvers import _chol_solve, cholesky_lower
+    from ghostsolve.stats import BLAS_MIN_DIM
+
+    d = BLAS_MIN_DIM
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+    A = (Z.T @ Z).to(dtype)
+    B = torch.randn(d, 5, generator=g, dtype=torch.float64).to(dtype)
+    L, info = cholesky_lower(A)
+    assert info == 0 and torch.equal(L, L.tril())
+    ref = torch.linalg.cholesky(A)
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    assert torch.allclose(L, ref, rtol=0, atol=tol * float(ref.abs().max()))
+    M = _chol_solve(L, B)
+    residual = A.double() @ M.double() - B.double()
+    assert float(residual.abs().max()) <= 1e3 * torch.finfo(dtype).eps * float(A.abs().max() * M.abs().max())
+    bad = A.clone()
+    bad[7, 7] = -1.0  # not positive definite from leading minor 8 on
+    _, info_bad = cholesky_lower(bad)
+    assert info_bad == int(torch.linalg.cholesky_ex(bad).info) == 8

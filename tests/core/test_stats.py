@@ -386,3 +386,25 @@ def test_for_families_keeps_only_what_is_needed() -> None:
     assert (
         Stats(12).hadamard_magnitudes and not Stats(12, magnitudes=False).hadamard_magnitudes
     )  # as before 0.2
+
+
+@pytest.mark.parametrize("pd", [None, torch.float32], ids=["fp64", "fast"])
+def test_wide_rows_fit_as_numpy_lstsq(pd: torch.dtype | None) -> None:
+    # at d ≥ BLAS_MIN_DIM the CPU takes the OpenBLAS path (one triangle of XᵀX, mirrored when read) and
+    # `auto` factors with scipy's LAPACK: the whole chain must give lstsq's operator
+    from ghostsolve.stats import BLAS_MIN_DIM, _product_path
+
+    d, n = BLAS_MIN_DIM, 2 * BLAS_MIN_DIM + 37
+    assert _product_path(n, d, pd or torch.float64, torch.device("cpu")) == "blas"
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(n, d, generator=g)
+    Y = X + 0.2 * X @ torch.randn(d, d, generator=g) / d**0.5 + 0.1 * torch.randn(n, d, generator=g)
+    s = Stats.for_families(d, ["full"], product_dtype=pd)
+    for a in range(0, n, 500):
+        s.update(X[a : a + 500], Y[a : a + 500])
+    assert torch.equal(s.xtx, s.xtx.T)
+    M = ghostsolve.fit(s).delta.double()
+    Xn, Dn = X.double().numpy(), (Y.double() - X.double()).numpy()
+    ref = np.linalg.lstsq(Xn, Dn, rcond=None)[0]
+    tol = 1e-9 if pd is None else 1e-4
+    assert np.abs(M.numpy() - ref).max() <= tol * np.abs(ref).max()
