@@ -402,16 +402,17 @@ class Stats:
         X2, Y2, w = self._rows(X, Y, weights)
         if X2.shape[0] == 0:
             return self
-        contrib, lower_only = self._chunk(X2, Y2, w)
+        contrib, blas_path = self._chunk(X2, Y2, w)
         # All contributions were computed before this point, so a failure above leaves self unchanged.
         for name, value in contrib.items():
             if name == "r_factor":
                 self.r_factor = value
             elif name == "xtx":
-                _accumulate(self._xtx, value)  # the lower triangle is always right; see the property
-                self._xtx_upper_stale |= lower_only
+                # the lower triangle is always right; the BLAS path leaves the upper one for the property
+                _accumulate(self._xtx, value, by_numpy=blas_path)
+                self._xtx_upper_stale |= blas_path
             else:
-                _accumulate(getattr(self, name), value)
+                _accumulate(getattr(self, name), value, by_numpy=blas_path)
         return self
 
     def _rows(self, X: Any, Y: Any, weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -930,16 +931,12 @@ def _mirror_lower(t: torch.Tensor) -> None:
         t.add_(low.mT)
 
 
-def _accumulate(acc: torch.Tensor, part: torch.Tensor) -> None:
-    """``acc += part``; CPU matrices through numpy, so torch's thread pool stays asleep between the BLAS
-    calls of the ``"blas"`` path (see the path table above)."""
+def _accumulate(acc: torch.Tensor, part: torch.Tensor, *, by_numpy: bool) -> None:
+    """``acc += part``; ``by_numpy`` (the ``"blas"`` path) adds CPU matrices through numpy, so torch's
+    thread pool stays asleep between that path's BLAS calls (see the path table above)."""
     numeric = (torch.float32, torch.float64)
-    if (
-        acc.dim()
-        and acc.device.type == part.device.type == "cpu"
-        and acc.dtype in numeric
-        and part.dtype in numeric
-    ):
+    cpu = acc.device.type == part.device.type == "cpu"
+    if by_numpy and cpu and acc.dim() and acc.dtype in numeric and part.dtype in numeric:
         a = acc.numpy()
         np.add(a, part.numpy(), out=a)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -325,16 +326,19 @@ def test_every_product_path_matches_numpy(
 
 @given(case=cases(max_d=12), data=st.data())
 def test_xtx_is_exactly_symmetric_whenever_read(case: Case, data: st.DataObject) -> None:
-    # the CPU path sums one triangle of XᵀX and mirrors it when read: reading between updates, merging,
-    # serializing and all-reducing must all see the same exactly symmetric sums
+    # the BLAS path (wide CPU rows; forced here) sums one triangle of XᵀX and mirrors it when read:
+    # reading between updates, merging, serializing and all-reducing must all see exactly symmetric sums
+    import ghostsolve.stats as stats_module
+
     cuts = sorted(data.draw(st.lists(st.integers(0, case.n), max_size=4)))
     reads = data.draw(st.lists(st.booleans(), min_size=len(cuts) + 1, max_size=len(cuts) + 1))
-    s = Stats(case.d, magnitudes=False)
-    for (a, b), read in zip(itertools.pairwise([0, *cuts, case.n]), reads, strict=True):
-        s.update(case.X[a:b], case.Y[a:b])
-        if read:
-            assert torch.equal(s.xtx, s.xtx.T)
-    whole = Stats(case.d, magnitudes=False).update(case.X, case.Y)
+    with mock.patch.object(stats_module, "_product_path", lambda *_: "blas"):
+        s = Stats(case.d, magnitudes=False)
+        for (a, b), read in zip(itertools.pairwise([0, *cuts, case.n]), reads, strict=True):
+            s.update(case.X[a:b], case.Y[a:b])
+            if read:
+                assert torch.equal(s.xtx, s.xtx.T)
+        whole = Stats(case.d, magnitudes=False).update(case.X, case.Y)
     for t in (s.tensors()["xtx"], s.state_dict()["xtx"], s.merge(whole).xtx, s.to("cpu").xtx, s.xtx):
         assert torch.equal(t, t.T)
     ref = case.X.double().T @ case.X.double()
@@ -342,7 +346,10 @@ def test_xtx_is_exactly_symmetric_whenever_read(case: Case, data: st.DataObject)
     assert torch.allclose(s.xty, s.xtx + s.xtd, rtol=0, atol=0)
 
 
-def test_xtx_read_once_then_updated_stays_right() -> None:
+def test_xtx_read_once_then_updated_stays_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ghostsolve.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_product_path", lambda *_: "blas")
     case = make_case(21, 200, 9)
     s = Stats(9, magnitudes=False).update(case.X[:50], case.Y[:50])
     held = s.xtx  # the live buffer: mirrored now
