@@ -415,3 +415,24 @@ def test_wide_rows_fit_as_numpy_lstsq(pd: torch.dtype | None) -> None:
     ref = np.linalg.lstsq(Xn, Dn, rcond=None)[0]
     tol = 1e-9 if pd is None else 1e-4
     assert np.abs(M.numpy() - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_wide_rows_near_the_float32_range_are_rescaled_exactly(scale: float) -> None:
+    # fp32 products of 1e±30-scale rows would under/overflow: the BLAS path rescales them by a power of
+    # two (numpy's ldexp, exact) and must land on the float64 statistics to fp32 product accuracy
+    from ghostsolve.stats import BLAS_MIN_DIM
+
+    d, n = BLAS_MIN_DIM, 1200
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(n, d, generator=g) * scale
+    Y = X + 0.1 * scale * torch.randn(n, d, generator=g)
+    w = torch.rand(n, generator=g)
+    for weights in (None, w):
+        fast = Stats.for_families(d, ["full"], product_dtype=torch.float32).update(X, Y, weights=weights)
+        exact = Stats.for_families(d, ["full"]).update(X.double(), Y.double(), weights=weights)
+        for name in ("xtx", "xtd"):
+            a, b = getattr(fast, name), getattr(exact, name)
+            assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), name
+        assert float(fast.dtd) == pytest.approx(float(exact.dtd), rel=1e-5)
+        assert torch.equal(fast.xtx, fast.xtx.T)
