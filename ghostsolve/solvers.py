@@ -45,11 +45,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from scipy.linalg import lapack
 
 from .errors import GhostsolveError, IllConditionedWarning
-from .stats import BLAS_MIN_DIM, Stats, check_dtype, require_finite
+from .stats import BLAS_MIN_DIM, Stats, all_finite, check_dtype, require_finite
 
 __all__ = [
     "SOLVERS",
@@ -74,12 +75,6 @@ _FULL_RANK = ("cholesky", "qr")
 _SAFE_ERROR = 1e-3
 # Below this size an exact eigvalsh costs less than the iterations of the estimate.
 _EXACT_COND_MAX_D = 128
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite: one reduction (NaN/Inf propagate into the sum), with the
-    elementwise test only when the sum itself overflowed."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _by_lapack(*ts: torch.Tensor) -> bool:
@@ -120,7 +115,7 @@ def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         potrs = lapack.dpotrs if L.dtype == torch.float64 else lapack.spotrs
         x, info = potrs(L.numpy(), B.numpy(), lower=1)
         if info == 0:
-            return torch.from_numpy(x)
+            return torch.from_numpy(np.ascontiguousarray(x))  # row-major, as torch's solves return it
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
@@ -238,9 +233,11 @@ def make_problem(stats: Stats, dtype: torch.dtype, ridge: float) -> Problem:
 
 
 def _shifted(G: torch.Tensor, lam: float) -> torch.Tensor:
+    """``G + λI`` as a new tensor, or ``G`` itself when ``λ = 0`` (every caller only reads it)."""
+    if not lam:
+        return G
     A = G.clone()
-    if lam:
-        A.diagonal().add_(lam)
+    A.diagonal().add_(lam)
     return A
 
 
@@ -270,7 +267,11 @@ def _pocon(factor: torch.Tensor, A: torch.Tensor, *, upper: bool) -> float:
     """LAPACK's 1-norm condition estimate of ``A = LLᵀ`` (or ``RᵀR``) from its triangular factor."""
     if not all_finite(factor) or float(factor.diagonal().abs().min()) == 0.0:
         return math.inf
-    anorm = float(A.abs().sum(dim=0).max())  # ‖A‖₁
+    # ‖A‖₁, on the CPU by numpy (no thread pool; see ghostsolve.stats.all_finite)
+    if A.device.type == "cpu" and A.dtype == torch.float64:
+        anorm = float(np.abs(A.numpy()).sum(axis=0).max())
+    else:
+        anorm = float(A.abs().sum(dim=0).max())
     rcond, info = lapack.dpocon(factor.double().cpu().numpy(), anorm, uplo="U" if upper else "L")
     return math.inf if info != 0 or rcond <= 0 else 1.0 / float(rcond)
 
