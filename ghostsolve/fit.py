@@ -380,23 +380,29 @@ def evaluate(stats: Stats, M: torch.Tensor, lam: float, *, certified: bool = Fal
 # The O(d²) reductions of `evaluate`, on the CPU by numpy: they run right after the statistics' OpenBLAS
 # products and LAPACK solve, where torch's thread pool contends with OpenBLAS's spinning threads
 # (measured 37 ms instead of 4 ms for `evaluate` at d = 1024 on 2 cores); see ghostsolve.stats.all_finite.
+# (Overflow gives inf and NaN input NaN, as in torch: numpy's warnings about them are silenced.)
 def _frobenius(t: torch.Tensor, plus: torch.Tensor | None = None) -> float:
     """``‖t‖_F``, or ``‖t + plus‖_F``."""
     if t.device.type == "cpu":
-        a = t.numpy()
-        return float(np.linalg.norm(a if plus is None else a + plus.numpy()))
+        a = t.detach().numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.linalg.norm(a if plus is None else a + plus.detach().numpy()))
     return float(torch.linalg.matrix_norm(t if plus is None else t + plus))
 
 
 def _norm1(t: torch.Tensor) -> float:
     if t.device.type == "cpu":
-        return float(np.abs(t.numpy()).sum(axis=0).max())
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.abs(t.detach().numpy()).sum(axis=0).max())
     return float(t.abs().sum(dim=0).max())
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
     """``Σ a ⊙ b`` of two float64 matrices."""
-    return float(np.vdot(a.numpy(), b.numpy())) if a.device.type == "cpu" else float((a * b).sum())
+    if a.device.type == "cpu":
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.vdot(a.detach().numpy(), b.detach().numpy()))
+    return float((a * b).sum())
 
 
 def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | str | None:

@@ -101,9 +101,10 @@ def cholesky_lower(A: torch.Tensor) -> tuple[torch.Tensor, int]:
     is not usable). As ``torch.linalg.cholesky_ex``, on the CPU by scipy's LAPACK ``?potrf``."""
     if _by_lapack(A):
         potrf = lapack.dpotrf if A.dtype == torch.float64 else lapack.spotrf
-        # A is symmetric: its row-major memory read column-major is A itself (no transposing copy)
-        c, info = potrf(A.numpy().T, lower=1, clean=1, overwrite_a=0)
-        return torch.from_numpy(c), int(info)
+        # A's row-major memory read column-major is Aᵀ, whose upper triangle is A's lower one: factor
+        # Aᵀ = UᵀU from it (no transposing copy) and return L = Uᵀ, row-major
+        c, info = potrf(A.detach().numpy().T, lower=0, clean=1, overwrite_a=0)
+        return torch.from_numpy(c).mT, int(info)
     L, info = torch.linalg.cholesky_ex(A)
     return L, int(info)
 
@@ -113,7 +114,8 @@ def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     copies ``L`` on every call)."""
     if _by_lapack(L, B):
         potrs = lapack.dpotrs if L.dtype == torch.float64 else lapack.spotrs
-        x, info = potrs(L.numpy(), B.numpy(), lower=1)
+        # L's row-major memory read column-major is U = Lᵀ (the upper factor): no copy of L
+        x, info = potrs(L.detach().numpy().T, B.detach().numpy(), lower=0)
         if info == 0:
             return torch.from_numpy(np.ascontiguousarray(x))  # row-major, as torch's solves return it
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
@@ -269,10 +271,11 @@ def _pocon(factor: torch.Tensor, A: torch.Tensor, *, upper: bool) -> float:
         return math.inf
     # ‖A‖₁, on the CPU by numpy (no thread pool; see ghostsolve.stats.all_finite)
     if A.device.type == "cpu" and A.dtype == torch.float64:
-        anorm = float(np.abs(A.numpy()).sum(axis=0).max())
+        with np.errstate(over="ignore", invalid="ignore"):
+            anorm = float(np.abs(A.detach().numpy()).sum(axis=0).max())
     else:
         anorm = float(A.abs().sum(dim=0).max())
-    rcond, info = lapack.dpocon(factor.double().cpu().numpy(), anorm, uplo="U" if upper else "L")
+    rcond, info = lapack.dpocon(factor.detach().double().cpu().numpy(), anorm, uplo="U" if upper else "L")
     return math.inf if info != 0 or rcond <= 0 else 1.0 / float(rcond)
 
 

@@ -353,6 +353,14 @@ class Stats:
         self._xtx = value
         self._xtx_upper_stale = False
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # objects pickled before ``xtx`` became a property hold it as a plain attribute
+        state = dict(state)
+        if "xtx" in state:
+            state["_xtx"] = state.pop("xtx")
+            state["_xtx_upper_stale"] = False
+        self.__dict__.update(state)
+
     @property
     def xty(self) -> torch.Tensor:
         """``Σ w xᵀy`` (d×d), derived as ``xtx + xtd`` (a new tensor)."""
@@ -705,7 +713,8 @@ def all_finite(t: torch.Tensor) -> bool:
     instead of 0.3 ms here, its threads contending with OpenBLAS's spinning ones)."""
     if t.device.type == "cpu" and t.dtype in _NUMPY_OF:
         a = t.detach().numpy()
-        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is the expected signal
+            return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
@@ -844,7 +853,15 @@ def _numpy_rows(
     only, when nothing needs casting or scaling: the fast mode on float32 rows then makes one pass)."""
     if X.dtype not in _NUMPY_OF:  # bfloat16, which numpy lacks: widening to pd (float32/64) is exact
         X, Y = X.to(pd), Y.to(pd)
-    Xn, Yn = X.numpy(), Y.numpy()
+    # NaN/Inf rows and overflow show in the products, which the caller checks (as on the torch paths):
+    # numpy's warnings about them are silenced
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _numpy_rows_unchecked(X.numpy(), Y.numpy(), w, pd, shift)
+
+
+def _numpy_rows_unchecked(
+    Xn: np.ndarray, Yn: np.ndarray, w: torch.Tensor | None, pd: torch.dtype, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
     wide = np.promote_types(Xn.dtype, _NUMPY_OF[pd])
     factor = _row_factor(w, shift, torch.float64 if wide == np.float64 else torch.float32)
     if factor is None and shift == 0 and wide == Xn.dtype and Xn.flags.c_contiguous:
@@ -874,7 +891,9 @@ def _products(
     if path == "blas":
         Xn, Dn = _numpy_rows(X, Y, w, pd, shift)
         # per-row sums of squares in pd (short sums), then summed in float64: as accurate as the products
-        dtd = torch.tensor(float(np.einsum("ij,ij->i", Dn, Dn).astype(np.float64).sum()), dtype=torch.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the caller
+            sq = float(np.einsum("ij,ij->i", Dn, Dn).astype(np.float64).sum())
+        dtd = torch.tensor(sq, dtype=torch.float64)
         xx, xd = _blas_products(Xn, Dn)
         return torch.from_numpy(Xn), torch.from_numpy(Dn), xx, xd, dtd
     Xp, Dp = _scaled_rows(X, Y, w, pd, shift)
@@ -950,7 +969,8 @@ def _accumulate(acc: torch.Tensor, part: torch.Tensor, *, by_numpy: bool) -> Non
     cpu = acc.device.type == part.device.type == "cpu"
     if by_numpy and cpu and acc.dim() and acc.dtype in numeric and part.dtype in numeric:
         a = acc.numpy()
-        np.add(a, part.numpy(), out=a)
+        with np.errstate(over="ignore", invalid="ignore"):  # as torch's add_: inf/NaN, no warning
+            np.add(a, part.numpy(), out=a)
     else:
         acc.add_(part)
 

@@ -231,3 +231,34 @@ def test_lapack_cholesky_agrees_with_torch(dtype: torch.dtype) -> None:
     bad[7, 7] = -1.0  # not positive definite from leading minor 8 on
     _, info_bad = cholesky_lower(bad)
     assert info_bad == int(torch.linalg.cholesky_ex(bad).info) == 8
+
+
+def test_lapack_cholesky_reads_only_the_lower_triangle() -> None:
+    # as torch.linalg.cholesky_ex: whatever the upper triangle holds (a stale one, between Stats
+    # updates on the BLAS path) must not change the factor
+    from ghostsolve.solvers import _chol_solve, cholesky_lower
+    from ghostsolve.stats import BLAS_MIN_DIM
+
+    d = BLAS_MIN_DIM
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+    A = Z.T @ Z
+    junk = A.tril() + torch.randn(d, d, generator=g, dtype=torch.float64).triu(1)
+    L, info = cholesky_lower(junk)
+    ref = torch.linalg.cholesky(A)
+    assert info == 0 and torch.allclose(L, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    B = torch.randn(d, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(_chol_solve(L, B), torch.linalg.solve(A, B), rtol=1e-8, atol=1e-12)
+
+
+def test_objective_and_condition_accept_tensors_that_require_grad() -> None:
+    from ghostsolve.fit import evaluate
+
+    case = make_case(5, 60, 6)
+    s = ghostsolve.Stats(6).update(case.X, case.Y)
+    f = ghostsolve.fit(s)
+    M = f.delta.clone().requires_grad_(True)
+    assert evaluate(s, M, 0.0).objective == pytest.approx(f.objective, rel=1e-9)
+    wide = make_case(6, 400, 150)  # above the exact-eigenvalue size: the LAPACK estimate
+    A = ghostsolve.Stats(150).update(wide.X, wide.Y).xtx.clone().requires_grad_(True)
+    assert math.isfinite(ghostsolve.solvers.estimate_condition(A))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import ghostsolve
 from ghostsolve import GhostsolveError, Stats
+from ghostsolve.errors import NonFiniteInputError
 
 from ._problems import Case, cases, make_case
 
@@ -436,3 +438,38 @@ def test_wide_rows_near_the_float32_range_are_rescaled_exactly(scale: float) -> 
             assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), name
         assert float(fast.dtd) == pytest.approx(float(exact.dtd), rel=1e-5)
         assert torch.equal(fast.xtx, fast.xtx.T)
+
+
+def test_stats_pickled_before_xtx_was_a_property_still_load() -> None:
+    import pickle
+
+    case = make_case(22, 40, 6)
+    s = Stats(6).update(case.X, case.Y)
+    old = dict(s.__dict__)  # what a pickle of version 0.2 held: a plain ``xtx`` attribute, no flag
+    old["xtx"] = old.pop("_xtx")
+    del old["_xtx_upper_stale"]
+    restored = Stats.__new__(Stats)
+    restored.__setstate__(old)
+    assert torch.equal(restored.xtx, s.xtx) and "xtx" not in restored.__dict__
+    again = pickle.loads(pickle.dumps(restored))
+    _same(again.update(case.X, case.Y), Stats(6).update(torch.cat([case.X] * 2), torch.cat([case.Y] * 2)))
+
+
+def test_wide_nonfinite_rows_raise_without_numpy_warnings() -> None:
+    # the BLAS path computes in numpy; NaN/Inf rows must give the library's error, not a RuntimeWarning
+    from ghostsolve.stats import BLAS_MIN_DIM, all_finite
+
+    d = BLAS_MIN_DIM
+    X = torch.randn(64, d)
+    Y = X.clone()
+    Y[3, 5] = float("inf")
+    X[9, 1] = float("-inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = Stats.for_families(d, ["full"])
+        with pytest.raises(NonFiniteInputError, match="first bad row 3"):
+            s.update(X, Y)
+        assert s.n_rows == 0 and float(s.xtx.abs().sum()) == 0.0
+        assert all_finite(torch.tensor([3e38, 3e38]))  # the sum overflows; the entries are finite
+        assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+        assert not all_finite(torch.tensor([1.0, float("nan")]))
