@@ -43,7 +43,7 @@ from .solvers import (
     make_problem,
     rank_cutoff,
 )
-from .stats import Stats, as_rows, as_tensor, as_weights, check_dtype, check_finite
+from .stats import Stats, as_rows, as_tensor, as_weights, check_dtype, check_finite, cpu_array
 
 __all__ = ["Fit", "FitDiagnostics", "fit", "ridge_path"]
 
@@ -377,32 +377,30 @@ def evaluate(stats: Stats, M: torch.Tensor, lam: float, *, certified: bool = Fal
     return Evaluation(value, delta, ne, u > eps(torch.float64), g1, m_norm, b_norm, c_norm)
 
 
-# The O(d²) reductions of `evaluate`, on the CPU by numpy: they run right after the statistics' OpenBLAS
-# products and LAPACK solve, where torch's thread pool contends with OpenBLAS's spinning threads
-# (measured 37 ms instead of 4 ms for `evaluate` at d = 1024 on 2 cores); see ghostsolve.stats.all_finite.
-# (Overflow gives inf and NaN input NaN, as in torch: numpy's warnings about them are silenced.)
+# The O(d²) reductions of `evaluate` run right after the statistics' OpenBLAS products and LAPACK solve:
+# on the CPU by numpy (measured 37 ms instead of 4 ms for `evaluate` at d = 1024 on 2 cores with torch
+# there; see ghostsolve.stats.cpu_array). Overflow gives inf and NaN input NaN, as in torch: numpy's
+# warnings about them are silenced.
+@np.errstate(over="ignore", invalid="ignore")
 def _frobenius(t: torch.Tensor, plus: torch.Tensor | None = None) -> float:
     """``‖t‖_F``, or ``‖t + plus‖_F``."""
-    if t.device.type == "cpu":
-        a = t.detach().numpy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.linalg.norm(a if plus is None else a + plus.detach().numpy()))
-    return float(torch.linalg.matrix_norm(t if plus is None else t + plus))
+    a = cpu_array(t)
+    if a is None:
+        return float(torch.linalg.matrix_norm(t if plus is None else t + plus))
+    return float(np.linalg.norm(a if plus is None else a + plus.detach().numpy()))
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def _norm1(t: torch.Tensor) -> float:
-    if t.device.type == "cpu":
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.abs(t.detach().numpy()).sum(axis=0).max())
-    return float(t.abs().sum(dim=0).max())
+    a = cpu_array(t)
+    return float(t.abs().sum(dim=0).max()) if a is None else float(np.abs(a).sum(axis=0).max())
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
     """``Σ a ⊙ b`` of two float64 matrices."""
-    if a.device.type == "cpu":
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.vdot(a.detach().numpy(), b.detach().numpy()))
-    return float((a * b).sum())
+    an = cpu_array(a)
+    return float((a * b).sum()) if an is None else float(np.vdot(an, b.detach().numpy()))
 
 
 def _validate(family: str, solver: str, dtype: torch.dtype, rank: Any) -> int | str | None:

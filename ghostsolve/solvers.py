@@ -50,7 +50,7 @@ import torch
 from scipy.linalg import lapack
 
 from .errors import GhostsolveError, IllConditionedWarning
-from .stats import BLAS_MIN_DIM, Stats, all_finite, check_dtype, require_finite
+from .stats import BLAS_MIN_DIM, Stats, all_finite, check_dtype, cpu_array, require_finite
 
 __all__ = [
     "SOLVERS",
@@ -269,10 +269,11 @@ def _pocon(factor: torch.Tensor, A: torch.Tensor, *, upper: bool) -> float:
     """LAPACK's 1-norm condition estimate of ``A = LLᵀ`` (or ``RᵀR``) from its triangular factor."""
     if not all_finite(factor) or float(factor.diagonal().abs().min()) == 0.0:
         return math.inf
-    # ‖A‖₁, on the CPU by numpy (no thread pool; see ghostsolve.stats.all_finite)
-    if A.device.type == "cpu" and A.dtype == torch.float64:
+    # ‖A‖₁, on the CPU by numpy (no thread pool; see ghostsolve.stats.cpu_array)
+    a = cpu_array(A)
+    if a is not None:
         with np.errstate(over="ignore", invalid="ignore"):
-            anorm = float(np.abs(A.detach().numpy()).sum(axis=0).max())
+            anorm = float(np.abs(a).sum(axis=0).max())
     else:
         anorm = float(A.abs().sum(dim=0).max())
     rcond, info = lapack.dpocon(factor.detach().double().cpu().numpy(), anorm, uplo="U" if upper else "L")

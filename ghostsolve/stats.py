@@ -38,6 +38,7 @@ __all__ = [
     "as_weights",
     "check_dtype",
     "check_finite",
+    "cpu_array",
     "require_finite",
     "resolve_device",
 ]
@@ -706,13 +707,22 @@ class Stats:
         return out
 
 
+def cpu_array(t: torch.Tensor) -> np.ndarray | None:
+    """``t``'s own memory as a numpy array (detached, no copy) for a CPU float64/32/16 tensor, else None.
+
+    The O(d²) work that follows the statistics' OpenBLAS products (accumulating, mirroring, the
+    finiteness checks, the norms of ``fit``) goes through it on the CPU: numpy runs no thread pool, while
+    a torch operation right after an OpenBLAS call contends with OpenBLAS's still-spinning threads (a
+    torch reduction of a d × d buffer measured ~6 ms instead of 0.3 ms there, on 2 cores).
+    """
+    return t.detach().numpy() if t.device.type == "cpu" and t.dtype in _NUMPY_OF else None
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite: one reduction (NaN/Inf propagate into the sum), with the
-    elementwise test only when the sum itself overflowed. CPU float tensors are summed by numpy, which
-    runs no thread pool (right after OpenBLAS products a torch reduction of a d × d buffer measured ~6 ms
-    instead of 0.3 ms here, its threads contending with OpenBLAS's spinning ones)."""
-    if t.device.type == "cpu" and t.dtype in _NUMPY_OF:
-        a = t.detach().numpy()
+    elementwise test only when the sum itself overflowed (by numpy on the CPU, see :func:`cpu_array`)."""
+    a = cpu_array(t)
+    if a is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is the expected signal
             return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -846,6 +856,9 @@ def _scaled_rows(
     return Xp, Dp
 
 
+# NaN/Inf rows and overflow show in the products, which the caller checks (as on the torch paths):
+# numpy's warnings about them are silenced
+@np.errstate(over="ignore", invalid="ignore")
 def _numpy_rows(
     X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor | None, pd: torch.dtype, shift: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -853,15 +866,7 @@ def _numpy_rows(
     only, when nothing needs casting or scaling: the fast mode on float32 rows then makes one pass)."""
     if X.dtype not in _NUMPY_OF:  # bfloat16, which numpy lacks: widening to pd (float32/64) is exact
         X, Y = X.to(pd), Y.to(pd)
-    # NaN/Inf rows and overflow show in the products, which the caller checks (as on the torch paths):
-    # numpy's warnings about them are silenced
-    with np.errstate(over="ignore", invalid="ignore"):
-        return _numpy_rows_unchecked(X.numpy(), Y.numpy(), w, pd, shift)
-
-
-def _numpy_rows_unchecked(
-    Xn: np.ndarray, Yn: np.ndarray, w: torch.Tensor | None, pd: torch.dtype, shift: int
-) -> tuple[np.ndarray, np.ndarray]:
+    Xn, Yn = X.numpy(), Y.numpy()
     wide = np.promote_types(Xn.dtype, _NUMPY_OF[pd])
     factor = _row_factor(w, shift, torch.float64 if wide == np.float64 else torch.float32)
     if factor is None and shift == 0 and wide == Xn.dtype and Xn.flags.c_contiguous:
@@ -952,9 +957,9 @@ def _gram_products(Xp: torch.Tensor, Dp: torch.Tensor, path: str) -> tuple[torch
 
 def _mirror_lower(t: torch.Tensor) -> None:
     """Copy the strict lower triangle of square ``t`` onto its upper one, in place (CPU: by numpy, see
-    ``_accumulate``)."""
-    if t.device.type == "cpu" and t.dtype in _NUMPY_OF:
-        a = t.numpy()
+    :func:`cpu_array`)."""
+    a = cpu_array(t)
+    if a is not None:
         np.copyto(a, a.T.copy(), where=~np.tri(a.shape[0], dtype=bool))
     else:
         low = t.tril(-1)
@@ -964,13 +969,11 @@ def _mirror_lower(t: torch.Tensor) -> None:
 
 def _accumulate(acc: torch.Tensor, part: torch.Tensor, *, by_numpy: bool) -> None:
     """``acc += part``; ``by_numpy`` (the ``"blas"`` path) adds CPU matrices through numpy, so torch's
-    thread pool stays asleep between that path's BLAS calls (see the path table above)."""
-    numeric = (torch.float32, torch.float64)
-    cpu = acc.device.type == part.device.type == "cpu"
-    if by_numpy and cpu and acc.dim() and acc.dtype in numeric and part.dtype in numeric:
-        a = acc.numpy()
+    thread pool stays asleep between that path's BLAS calls (see :func:`cpu_array`)."""
+    a, p = (cpu_array(acc), cpu_array(part)) if by_numpy and acc.dim() else (None, None)
+    if a is not None and p is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # as torch's add_: inf/NaN, no warning
-            np.add(a, part.numpy(), out=a)
+            np.add(a, p, out=a)
     else:
         acc.add_(part)
 
